@@ -1,0 +1,512 @@
+"""Tests for lift_plus.py: CPU only, tiny open_clip models with random weights, images the tests write.
+
+Parity tests compare against a reference computation with the same weights (minGPT style);
+bad-input tests check the exact error a user sees."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import lift_plus as lp
+
+HERE = Path(__file__).resolve().parent
+torch.set_num_threads(2)
+
+TINY_VIT = {"embed_dim": 32, "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_RESNET = {"embed_dim": 32, "quick_gelu": True,
+               "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+# ------------------------------------------------------------------------------------------
+# fixtures: tiny models and generated long-tailed image folders
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def configs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("configs")
+    paths = {}
+    for name, spec in {"TinyViT-test": TINY_VIT, "TinyRN-test": TINY_RESNET}.items():
+        paths[name] = d / f"{name}.json"
+        paths[name].write_text(json.dumps(spec))
+    return paths
+
+
+def make_cfg(configs, **kw) -> lp.Config:
+    base = dict(model=str(configs["TinyViT-test"]), pretrained="none", workers=0, batch_size=8, epochs=2,
+                eval_batch_size=16, log_every=1000, device="cpu")
+    base.update(kw)
+    return lp.finalize_config(lp.Config(**base))
+
+
+def write_images(folder: Path, counts, size=(40, 48), seed=0):
+    """Class c is a noisy image of colour c: easy to learn, so the loss must fall."""
+    rng = np.random.RandomState(seed)
+    palette = rng.randint(0, 256, (len(counts), 3))
+    for c, n in enumerate(counts):
+        d = folder / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = palette[c] + rng.randint(-40, 40, (*size, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A 4-class long-tailed task: 30 / 12 / 5 / 3 training images, 4 test images per class."""
+    root = tmp_path_factory.mktemp("task")
+    write_images(root / "train", [30, 12, 5, 3], seed=0)
+    write_images(root / "test", [4, 4, 4, 4], seed=1)
+    return root
+
+
+def tiny_model(configs, folder, tuning="adaptformer", **kw):
+    cfg = make_cfg(configs, data=str(folder), tuning=tuning, **kw)
+    data = lp.build_data(cfg)
+    torch.manual_seed(0)
+    model, info = lp.build_model(cfg, data, torch.device("cpu"))
+    return cfg, data, model, info
+
+
+def randomize_(module: torch.nn.Module, seed=0):
+    """Give every zero-initialised tensor random values so parity tests are not trivially true."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Model: parity with open_clip, zero-initialised adapters, semantic init, QuickGELU fidelity
+# ------------------------------------------------------------------------------------------
+
+def test_pre_projection_feature_times_projection_equals_encode_image(configs, folder):
+    cfg, data, model, _ = tiny_model(configs, folder, tuning="classifier")
+    clip, _, _ = lp.load_clip(cfg)
+    model.encoder.visual.load_state_dict(clip.visual.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    ours = model.encoder(x) @ model.encoder.visual.proj             # [3, E]
+    ref = clip.encode_image(x)                                      # open_clip's own forward
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_initialised_adaptformer_leaves_features_unchanged(configs, folder):
+    _, _, plain, _ = tiny_model(configs, folder, tuning="classifier")
+    _, _, lifted, _ = tiny_model(configs, folder, tuning="adaptformer")
+    lifted.encoder.visual.load_state_dict(plain.encoder.visual.state_dict())
+    assert len(lifted.encoder.adaptformer) == 2
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(lifted.features(x), plain.features(x), rtol=0, atol=0)
+    # the branch is live: once Up is non-zero the features move
+    with torch.no_grad():
+        lifted.encoder.adaptformer["1"].up.weight.normal_()  # (a constant fill would be cancelled by ln_post)
+    assert not torch.allclose(lifted.features(x), plain.features(x))
+
+
+def test_adaptformer_matches_its_equation(configs, folder):
+    """out = h + MLP(LN2(h)) + s * Up(ReLU(Down(LN_a(h)))), h = x + Attn(LN1(x))."""
+    _, _, model, _ = tiny_model(configs, folder)
+    enc = model.encoder
+    randomize_(enc.adaptformer)
+    blk, af = enc.blocks[0], enc.adaptformer["0"]
+    x = torch.randn(2, 17, 64)
+    y = blk.ln_1(x)
+    attn = torch.nn.functional.multi_head_attention_forward(
+        y.transpose(0, 1), y.transpose(0, 1), y.transpose(0, 1), 64, blk.attn.num_heads, blk.attn.in_proj_weight,
+        blk.attn.in_proj_bias, None, None, False, 0.0, blk.attn.out_proj.weight, blk.attn.out_proj.bias,
+        need_weights=False)[0].transpose(0, 1)
+    h = x + attn
+    mlp = blk.mlp.c_proj(blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(h))))
+    ref = h + mlp + af.scale * af.up(torch.relu(af.down(af.ln(h))))
+    torch.testing.assert_close(enc.block("0", blk, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_semantic_init_prediction_agrees_with_zero_shot(configs, folder):
+    # With an image projection of orthonormal columns, |P t_j| = 1 for every class, so the cosine
+    # classifier's logits are zero-shot CLIP's cosine scores times s |f P| / |f|, a per-image factor.
+    cfg, data, model, _ = tiny_model(configs, folder, tuning="adaptformer")
+    clip, _, _ = lp.load_clip(cfg)
+    q, _ = torch.linalg.qr(torch.randn(64, 32))                     # [D, E], orthonormal columns
+    with torch.no_grad():
+        clip.visual.proj.copy_(q)
+    tok = __import__("open_clip").get_tokenizer(lp.open_clip_name(cfg.model))
+    t = lp.text_features(clip, tok, data.classnames, cfg.prompt, "cpu")
+    model.encoder.visual.load_state_dict(clip.visual.state_dict())
+    with torch.no_grad():
+        model.head.weight.copy_(lp.semantic_init(t, clip.visual.proj))
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    ours = model(x)                                                  # [16, K]
+    img = clip.encode_image((x.float() - model.mean) / model.std, normalize=True)
+    zero_shot = img @ t.t()                                          # cosine scores [16, K]
+    f = model.features(x)                                            # [16, D]
+    factor = (f @ clip.visual.proj).norm(dim=-1, keepdim=True) / f.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(ours, cfg.logit_scale * zero_shot * factor, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(1), zero_shot.argmax(1))
+
+
+def test_semantic_init_formula_with_general_projection():
+    # w_j = normalize(t_j P^T): <f, w_j> = <f P, t_j> / |P t_j|, the zero-shot score up to a class constant
+    P, t, f = torch.randn(64, 32), F.normalize(torch.randn(5, 32), dim=-1), torch.randn(3, 64)
+    w = lp.semantic_init(t, P)
+    torch.testing.assert_close(f @ w.t(), (f @ P) @ t.t() / (t @ P.t()).norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_quick_gelu_follows_the_openai_tag():
+    cfg = lp.finalize_config(lp.Config(model="ViT-B/16", pretrained="openai"))
+    name, pretrained, quick_gelu, tag = lp.resolve_clip(cfg)
+    assert (name, pretrained, quick_gelu) == ("ViT-B-16", "openai", True)
+    assert tag["mean"] == (0.48145466, 0.4578275, 0.40821073)
+    assert tag["std"] == (0.26862954, 0.26130258, 0.27577711)
+    assert tag["interpolation"] == "bicubic"
+    # the model built for that tag computes QuickGELU, x * sigmoid(1.702 x), not exact GELU
+    import open_clip
+    clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    act = clip.visual.transformer.resblocks[0].mlp[1]
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(act(x), F.gelu(x), atol=1e-3)
+
+
+def test_quick_gelu_detected_for_openai_files(tmp_path):
+    jit_file = tmp_path / "ViT-B-16.pt"                               # OpenAI ships TorchScript archives
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(jit_file))
+    plain = tmp_path / "weights.bin"
+    torch.save({"a": torch.zeros(1)}, plain)
+    cfg = lambda p, q="auto": lp.finalize_config(lp.Config(model="ViT-B-16", pretrained=str(p), quick_gelu=q))
+    assert lp.resolve_clip(cfg(jit_file))[2] is True
+    assert lp.resolve_clip(cfg(plain))[2] is False
+    assert lp.resolve_clip(cfg(plain, "yes"))[2] is True
+
+
+def test_vit_b16_adaptformer_size_and_gradients():
+    """ViT-B/16, 1000 classes: r = 32, 617,868 AdaptFormer parameters (0.72 % of the encoder)."""
+    import open_clip
+    clip = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)
+    cfg = lp.finalize_config(lp.Config(data="imagenet_lt"))
+    model = lp.LiftModel(clip.visual, (0.5,) * 3, (0.5,) * 3, 1000, 25.0)
+    info = lp.configure_tuning(model, cfg, 1000)
+    n = lp.count_params(model)
+    assert info["r"] == 32
+    assert n["method"] == 617_868 and n["classifier"] == 768_000
+    assert n["image_encoder"] == 86_192_640
+    assert n["method"] / n["image_encoder"] < 0.01
+    # only the adapters and the classifier receive gradients
+    x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        for af in model.encoder.adaptformer.values():
+            af.up.weight.normal_()
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        tuned = name.startswith("encoder.adaptformer.") or name == "head.weight"
+        assert p.requires_grad == tuned, name
+        assert (p.grad is not None) == tuned, name
+
+
+@pytest.mark.parametrize("K,r", [(1000, 32), (365, 8), (8142, 256), (100, 4), (10, 1)])
+def test_bottleneck_rule(K, r):
+    assert lp.size_rule(K, 12, 2) == r
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Loss
+# ------------------------------------------------------------------------------------------
+
+def test_logit_adjusted_loss_equals_cross_entropy_on_adjusted_logits():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 3, 3, 0])
+    counts = torch.tensor([50.0, 20.0, 5.0, 2.0])
+    log_prior = torch.log(counts / counts.sum())
+    for tau in (0.0, 1.0, 1.5):
+        adjusted = logits + tau * log_prior
+        ref = -(adjusted.log_softmax(dim=1)[torch.arange(6), y]).mean()   # by hand
+        torch.testing.assert_close(lp.logit_adjusted_loss(logits, y, log_prior, tau), ref)
+    torch.testing.assert_close(lp.logit_adjusted_loss(logits, y, log_prior, 0.0), F.cross_entropy(logits, y))
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Transforms: MDA schedule and crops, TTE
+# ------------------------------------------------------------------------------------------
+
+def test_mda_schedule_values():
+    convex = [lp.mda_min_scale(e, 5, "convex") for e in range(5)]
+    np.testing.assert_allclose(convex, [0.08, 0.10926, 0.20325, 0.39143, 1.0], atol=5e-5)
+    assert [lp.mda_min_scale(e, 5, "min") for e in range(5)] == [0.08] * 5
+    assert [lp.mda_min_scale(e, 5, "max") for e in range(5)] == [1.0] * 5
+    np.testing.assert_allclose([lp.mda_min_scale(e, 5, "linear") for e in range(5)], [0.08, 0.31, 0.54, 0.77, 1.0])
+    concave = [lp.mda_min_scale(e, 5, "concave") for e in range(5)]
+    np.testing.assert_allclose(concave, [0.08, 0.08 + 0.92 * math.sqrt(1 - 0.75 ** 2), 0.08 + 0.92 * math.sqrt(0.75), 0.08 + 0.92 * math.sqrt(1 - 0.25 ** 2), 1.0])
+    assert lp.mda_min_scale(0, 1, "convex") == 0.08                 # a single epoch gets the first epoch's range
+
+
+def test_mda_crops_are_squares_in_range():
+    g = torch.Generator().manual_seed(0)
+    H, W = 300, 500
+    for s_min in (0.08, 0.4, 1.0):
+        for _ in range(200):
+            top, left, side = lp.mda_crop_box(H, W, s_min, g)
+            assert 0 <= top <= H - side and 0 <= left <= W - side
+            frac = side * side / (H * W)
+            assert min(s_min, H / W) - 0.01 <= frac <= H / W + 0.01  # capped by the inscribed square
+    assert lp.mda_crop_box(H, W, 1.0, g)[2] == 300                  # the last epoch: the largest square
+    t = lp.MDATransform(32, 5, "convex", 0.08, seed=0)
+    out = t(Image.new("RGB", (60, 40)), index=3)
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.uint8
+    assert torch.equal(out, t(Image.new("RGB", (60, 40)), index=3))  # deterministic per (seed, epoch, index)
+
+
+def test_tte_views_are_torchvision_five_crops():
+    from torchvision import transforms as T
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 60, 3), dtype=np.uint8))
+    views = lp.EvalTransform(32, tte=True, expand=8)(img)
+    ref = T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BICUBIC), T.FiveCrop(32)])(img)
+    assert views.shape == (5, 3, 32, 32)
+    for v, r in zip(views, ref):
+        assert torch.equal(v, torch.from_numpy(np.asarray(r)).permute(2, 0, 1))
+    single = lp.EvalTransform(224, tte=False, expand=24)(Image.new("RGB", (500, 375)))
+    assert single.shape == (1, 3, 224, 224)                          # resize 256, centre crop 224
+
+
+def test_tte_equals_mean_of_per_crop_logits(configs, folder):
+    _, _, model, _ = tiny_model(configs, folder)
+    randomize_(model.encoder.adaptformer)
+    views = torch.randint(0, 256, (3, 5, 3, 32, 32), dtype=torch.uint8)
+    per_crop = torch.stack([model(views[:, v]) for v in range(5)], dim=1)   # [3, 5, K]
+    torch.testing.assert_close(lp.tte_logits(model, views), per_crop.mean(dim=1), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Data: CIFAR-100-LT counts, groups, split lists, folders
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio,total,groups", [(100, 10847, (35, 35, 30)), (50, 12608, (41, 41, 18)), (10, 19573, (69, 31, 0))])
+def test_cifar100_lt_counts_and_groups(ratio, total, groups):
+    counts = lp.cifar100_lt_counts(ratio)
+    assert sum(counts) == total and counts[0] == 500 and counts[-1] == 500 // ratio
+    g = lp.class_groups(counts)
+    assert (len(g["many"]), len(g["medium"]), len(g["few"])) == groups
+
+
+def test_make_long_tailed_reproduces_the_per_class_shuffle():
+    labels = np.repeat(np.arange(3), 10)
+    keep = lp.make_long_tailed(labels, [5, 3, 1], seed=0)
+    rng = np.random.RandomState(0)                                  # the reference: one RandomState, class by class
+    ref = []
+    for c, n in enumerate([5, 3, 1]):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        ref.extend(idx[:n])
+    assert keep.tolist() == ref
+
+
+def test_class_group_boundaries():
+    g = lp.class_groups([101, 100, 20, 19, 1])
+    assert g["many"].tolist() == [0] and g["medium"].tolist() == [1, 2] and g["few"].tolist() == [3, 4]
+
+
+def test_split_list_parsing(tmp_path):
+    f = tmp_path / "ImageNet_LT_train.txt"
+    f.write_text("train/n01/a.JPEG 0\n\ntrain/n02/b.JPEG 1\n")
+    paths, labels = lp.read_split_list(f, "/data/imagenet", 1000)
+    assert paths == ["/data/imagenet/train/n01/a.JPEG", "/data/imagenet/train/n02/b.JPEG"] and labels == [0, 1]
+
+
+def write_benchmark(root: Path, n_classes=3):
+    """A miniature ImageNet-LT laid out as the OLTR lists expect."""
+    lines = {"train": [], "test": []}
+    for split, per in (("train", [6, 3, 1]), ("test", [2, 2, 2])):
+        for c in range(n_classes):
+            d = root / split / f"n{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per[c]):
+                Image.new("RGB", (20, 16), (40 * c, 0, 0)).save(d / f"{i}.JPEG")
+                lines[split].append(f"{split}/n{c:02d}/{i}.JPEG {c}")
+    for split in lines:
+        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines[split]) + "\n")
+
+
+def test_imagenet_lt_from_split_lists_is_lazy(tmp_path, configs):
+    write_benchmark(tmp_path)
+    cfg = make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "cache"))
+    for p in (tmp_path / "train").rglob("*.JPEG"):
+        p.unlink()                                                  # building must not open images
+    data = lp.build_data(cfg)
+    assert len(data.classnames) == 1000 and data.classnames[:2] == ["tench", "goldfish"]
+    assert data.train_counts[:3].tolist() == [6, 3, 1] and len(data.test) == 6
+    with pytest.raises(lp.LiftError, match=r"cannot read image .*train/n00/0.JPEG"):
+        data.train.load(0)
+
+
+def test_inat_labels_follow_sorted_names(tmp_path, configs):
+    (tmp_path / "categories.json").write_text(json.dumps([{"id": 0, "name": "Zebra"}, {"id": 1, "name": "Aardvark"}]))
+    (tmp_path / "iNaturalist18_train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 1\n")
+    (tmp_path / "iNaturalist18_val.txt").write_text("d.jpg 0\n")
+    data = lp.build_data(make_cfg(configs, data="inat2018", root=str(tmp_path), cache=str(tmp_path / "c")))
+    assert data.classnames == ["Aardvark", "Zebra"]
+    assert data.train.labels == [1, 0, 0] and data.train_counts.tolist() == [2, 1]
+
+
+def test_places_classnames_both_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("airfield\napartment_building-outdoor\n")
+    (tmp_path / "b.txt").write_text("/a/airfield 0\n/a/apartment_building/outdoor 1\n")
+    assert lp.read_places_classnames(tmp_path / "a.txt") == lp.read_places_classnames(tmp_path / "b.txt")
+
+
+def test_folder_task(folder, configs):
+    data = lp.build_data(make_cfg(configs, data=str(folder)))
+    assert data.classnames == ["class_0", "class_1", "class_2", "class_3"]
+    assert data.train_counts.tolist() == [30, 12, 5, 3] and len(data.test) == 16
+    summary = lp.summarize_data(data, "x")
+    assert "4 classes, 50 train / 16 test images" in summary and "few (<20) 3" in summary
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: one clear message naming the flag or file
+# ------------------------------------------------------------------------------------------
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(HERE / "lift_plus.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+
+
+def assert_clean_error(result, pattern):
+    import re
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert re.search(pattern, result.stderr), result.stderr
+
+
+def test_bad_flags_give_one_clear_message(tmp_path, configs, folder):
+    assert_clean_error(cli("--data", "imagenet_xx"), r"--data: unknown dataset 'imagenet_xx'")
+    assert_clean_error(cli("--data", "imagenet_lt", "--root", str(tmp_path / "nope")), r"--root .*nope: no such folder")
+    assert_clean_error(cli("--epochs", "0"), r"--epochs: expected an integer >= 1, got 0")
+    assert_clean_error(cli("--batch-size", "128", "--accum-steps", "3"), r"--batch-size 128 is not divisible by --accum-steps 3")
+    assert_clean_error(cli("--data", str(folder), "--model", "ViT-Q-99"), r"--model ViT-Q-99: unknown open_clip model")
+    assert_clean_error(cli("--data", str(folder), "--model", str(configs["TinyRN-test"]), "--pretrained", "none"),
+                       r"--tuning adaptformer needs a CLIP ViT image tower .*ModifiedResNet")
+    assert_clean_error(cli("--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", str(tmp_path / "w.pt")),
+                       r"--pretrained .*w.pt: neither a pretrained tag")
+
+
+def test_missing_split_lists_offline(tmp_path, configs, monkeypatch):
+    monkeypatch.setattr(lp, "online", lambda *a, **k: False)
+    cfg = make_cfg(configs, data="places_lt", root=str(tmp_path), cache=str(tmp_path / "cache"))
+    with pytest.raises(lp.LiftError, match=r"split files not found: Places_LT_train.txt or train.txt, .*classnames.txt.*--splits DIR"):
+        lp.build_data(cfg)
+
+
+def test_malformed_split_line_and_label_range(tmp_path):
+    f = tmp_path / "train.txt"
+    f.write_text("a.jpg 0\nb.jpg\n")
+    with pytest.raises(lp.LiftError, match=r"train.txt:2: expected '<relative/image/path> <integer label>', got 'b.jpg'"):
+        lp.read_split_list(f, tmp_path, 10)
+    f.write_text("a.jpg 0\nb.jpg 12\n")
+    with pytest.raises(lp.LiftError, match=r"train.txt:2: label 12 is outside the class range 0..9"):
+        lp.read_split_list(f, tmp_path, 10)
+
+
+def test_missing_or_unreadable_image_is_named(tmp_path, configs):
+    write_images(tmp_path / "t" / "train", [3, 2], seed=0)
+    write_images(tmp_path / "t" / "test", [1, 1], seed=1)
+    (tmp_path / "t" / "train" / "class_1" / "0.png").write_bytes(b"not an image")
+    r = cli("--data", str(tmp_path / "t"), "--model", str(configs["TinyViT-test"]), "--pretrained", "none",
+            "--workers", "1", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "runs"))
+    assert_clean_error(r, r"cannot read image .*class_1/0.png")
+
+
+def test_offline_pretrained_tag_fails_fast_with_instructions(configs, monkeypatch, tmp_path):
+    import time
+    monkeypatch.setattr(lp, "online", lambda *a, **k: False)
+    monkeypatch.setenv("LIFT_CLIP_CACHE", str(tmp_path))            # an empty weight cache
+    cfg = lp.finalize_config(lp.Config(model="ViT-B-32", pretrained="openai"))
+    t0 = time.time()
+    with pytest.raises(lp.LiftError, match=r"--pretrained openai: could not get the weights of ViT-B-32.*--pretrained /path/to/file"):
+        lp.load_clip(cfg)
+    assert time.time() - t0 < 30
+
+
+# ------------------------------------------------------------------------------------------
+# 7. Training: checkpoints, resume, end-to-end
+# ------------------------------------------------------------------------------------------
+
+def train_run(configs, folder, out, **kw):
+    cfg = make_cfg(configs, data=str(folder), out=str(out), **kw)
+    return cfg, lp.run(cfg)
+
+
+def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
+    cfg, report = train_run(configs, folder, tmp_path, epochs=1)
+    ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert set(state["tuned"]) == {n for n in state["tuned"] if n.startswith("encoder.adaptformer.") or n == "head.weight"}
+    assert not any("visual" in n for n in state["tuned"])           # never the frozen backbone
+    cfg2 = make_cfg(configs, data=str(folder), out=str(tmp_path), eval_only=True, checkpoint=str(ckpt))
+    again = lp.run(cfg2)
+    assert again["per_class"] == report["per_class"] and again["overall"] == report["overall"]
+    results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
+    assert results["train_counts"] == [30, 12, 5, 3] and results["metrics"]["overall"] == report["overall"]
+
+
+def test_checkpoint_of_another_tuning_mode_is_refused(configs, folder, tmp_path):
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
+    ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
+    other = make_cfg(configs, data=str(folder), tuning="lora", eval_only=True, checkpoint=str(ckpt), out=str(tmp_path))
+    with pytest.raises(lp.LiftError, match=r"does not match this run \(tuning: checkpoint 'adaptformer', this run 'lora'"):
+        lp.run(other)
+    with pytest.raises(lp.LiftError, match=r"exists: pass --resume"):
+        train_run(configs, folder, tmp_path, epochs=1)
+
+
+def test_interrupted_run_resumes_exactly(configs, folder, tmp_path, monkeypatch):
+    _, full = train_run(configs, folder, tmp_path / "a", epochs=3, seed=1)
+    calls = {"n": 0}
+    real_loss = lp.logit_adjusted_loss
+
+    def dies_in_epoch_2(*a, **k):                                   # 50 images / batch 8 = 7 steps per epoch
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(lp, "logit_adjusted_loss", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(configs, folder, tmp_path / "b", epochs=3, seed=1)
+    monkeypatch.setattr(lp, "logit_adjusted_loss", real_loss)
+    cfg, resumed = train_run(configs, folder, tmp_path / "b", epochs=3, seed=1, resume=True)
+    a = torch.load(tmp_path / "a" / cfg.run_name / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / cfg.run_name / "checkpoint.pt", weights_only=True)
+    for k in a["tuned"]:
+        assert torch.equal(a["tuned"][k], b["tuned"][k]), k
+    assert a["train_loss"] == b["train_loss"] and resumed["per_class"] == full["per_class"]
+
+
+def test_gradient_accumulation_equals_full_batch(configs, folder, tmp_path):
+    cfg, _ = train_run(configs, folder, tmp_path / "a", epochs=1, batch_size=16)
+    train_run(configs, folder, tmp_path / "b", epochs=1, batch_size=16, accum_steps=4)
+    a = torch.load(tmp_path / "a" / cfg.run_name / "checkpoint.pt", weights_only=True)["tuned"]
+    b = torch.load(tmp_path / "b" / cfg.run_name / "checkpoint.pt", weights_only=True)["tuned"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_end_to_end_lowers_the_loss(configs, folder, tmp_path):
+    r = cli("--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
+            "--epochs", "4", "--batch-size", "8", "--lr", "0.05", "--out", str(tmp_path), "--run-name", "e2e")
+    assert r.returncode == 0, r.stderr
+    assert "Overall    Many  Medium     Few" in r.stdout
+    results = json.loads((tmp_path / "e2e" / "results.json").read_text())
+    losses = results["train_loss"]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
+    assert results["config"]["tuning"] == "adaptformer" and len(results["per_class_accuracy"]) == 4
+    assert results["metrics"]["overall"] > 25.0                     # above chance on 4 classes
