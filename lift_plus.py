@@ -124,15 +124,16 @@ class LiftError(Exception):
 
 def parse_config(argv=None) -> Config:
     """Build the argparse parser from Config's fields; flags are the field names with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        doc = f.metadata["help"]
+        doc += "" if f.default is None or "default" in doc else f" (default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:
             kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, help=doc)
     cfg = Config(**vars(parser.parse_args(argv)))
     return finalize_config(cfg)
 
@@ -932,7 +933,8 @@ def configure_tuning(model: LiftModel, cfg: Config, num_classes: int) -> dict:
                                  (blk.attn.out_proj, "weight"), (blk.attn.out_proj, "bias"),
                                  (blk.mlp.c_fc, "weight"), (blk.mlp.c_fc, "bias"),
                                  (blk.mlp.c_proj, "weight"), (blk.mlp.c_proj, "bias")]:
-                parametrize.register_parametrization(module, name, MaskedUpdate(getattr(module, name), cfg.mask_ratio, gen))
+                if round(cfg.mask_ratio * getattr(module, name).numel()) > 0:  # a tiny bias may get no entry
+                    parametrize.register_parametrization(module, name, MaskedUpdate(getattr(module, name), cfg.mask_ratio, gen))
     if t != "zeroshot":
         model.head.weight.requires_grad_(True)
     return info
@@ -1224,6 +1226,19 @@ def write_results(path: Path, cfg: Config, report: dict, data: LTData, params: d
     atomic_write_bytes(path, json.dumps(results, indent=1, allow_nan=True).encode())
 
 
+def results_table(folder) -> str:
+    """Collect the results.json files under `folder` (one per run) into a Markdown table."""
+    rows = ["| run | data | tuning | init | loss | mda | tte | epochs | tuned params | Overall | Many | Medium | Few |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(Path(folder).glob("**/results*.json")):
+        r = json.loads(path.read_text())
+        c, m = r["config"], r["metrics"]
+        rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {c['init']} | {c['loss']} | {c['mda']} | "
+                    f"{c['tte']} | {c['epochs']} | {r['params']['tuned']:,} | " +
+                    " | ".join(f"{m[k]:.2f}" for k in ("overall", "many", "medium", "few")) + " |")
+    return "\n".join(rows)
+
+
 # ==========================================================================================
 # 9. Main
 # ==========================================================================================
@@ -1252,8 +1267,10 @@ def run(cfg: Config) -> dict:
     report = accuracy_report(logits.argmax(dim=1).numpy(), labels.numpy(), data.train_counts)
     print(f"test ({'TTE: five crops of the resize to ' + str(info['image_size'] + cfg.expand) if cfg.tte else 'centre crop'})")
     print(format_report(report))
-    write_results(run_dir / "results.json", cfg, report, data, params, losses)
-    print(f"wrote {run_dir / 'results.json'}")
+    # a re-evaluation (--eval-only) sits beside the training run's results.json instead of replacing it
+    name = "results.json" if not cfg.eval_only else f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
+    write_results(run_dir / name, cfg, report, data, params, losses)
+    print(f"wrote {run_dir / name}")
     return report
 
 
@@ -1266,6 +1283,10 @@ def clean_message(e: Exception) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["table"]:  # python lift_plus.py table runs/  ->  one Markdown table of all results.json
+        print(results_table(argv[1] if len(argv) > 1 else "runs"))
+        return
     try:
         run(parse_config(argv))
     except LiftError as e:

@@ -454,6 +454,7 @@ def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
     cfg2 = make_cfg(configs, data=str(folder), out=str(tmp_path), eval_only=True, checkpoint=str(ckpt))
     again = lp.run(cfg2)
     assert again["per_class"] == report["per_class"] and again["overall"] == report["overall"]
+    assert (tmp_path / cfg.run_name / "results_eval_tte24.json").exists()
     results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
     assert results["train_counts"] == [30, 12, 5, 3] and results["metrics"]["overall"] == report["overall"]
 
@@ -510,3 +511,131 @@ def test_cli_end_to_end_lowers_the_loss(configs, folder, tmp_path):
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
     assert results["config"]["tuning"] == "adaptformer" and len(results["per_class_accuracy"]) == 4
     assert results["metrics"]["overall"] > 25.0                     # above chance on 4 classes
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Tuning methods: trainable sets, size rules, start at the frozen model, what one step changes
+# ------------------------------------------------------------------------------------------
+
+METHOD_PARAMS = {  # which parameter names each method tunes (besides head.weight)
+    "adaptformer": r"encoder\.adaptformer\.", "adapter": r"encoder\.adapter\.", "lora": r"encoder\.lora_[qv]\.",
+    "vpt": r"encoder\.prompts\.", "full": r"encoder\.visual\.transformer\.resblocks\.[01]\.",
+    "partial": r"encoder\.visual\.transformer\.resblocks\.1\.", "bitfit": r"encoder\.visual\.transformer\.resblocks\.\d\..*bias$",
+    "mask": r"\.parametrizations\..*\.values$", "classifier": r"^$",
+}
+
+
+@pytest.fixture(scope="session")
+def vit_b16():
+    import open_clip
+    return open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True).visual
+
+
+def vit_b16_block_tensors():
+    D = 768
+    return {"in_w": (3 * D, D), "in_b": (3 * D,), "out_w": (D, D), "out_b": (D,),
+            "fc_w": (4 * D, D), "fc_b": (4 * D,), "proj_w": (D, 4 * D), "proj_b": (D,), "ln_w": (D,) * 2, "ln_b": (D,) * 2}
+
+
+@pytest.mark.parametrize("tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"])
+def test_method_sizes_on_vit_b16(vit_b16, tuning):
+    """Parameter counts on ViT-B/16 with 1000 classes, from the size rules (reference computation)."""
+    D, L, K = 768, 12, 1000
+    cfg = lp.finalize_config(lp.Config(data="imagenet_lt", tuning=tuning, partial_blocks=3))
+    model = lp.LiftModel(copy.deepcopy(vit_b16), (0.5,) * 3, (0.5,) * 3, K, 25.0)
+    info = lp.configure_tuning(model, cfg, K)
+    n = lp.count_params(model)
+    numel = lambda shape: math.prod(shape)
+    block = vit_b16_block_tensors()
+    r = 2 ** math.floor(math.log2(K / (2 * L)))
+    expected = {
+        "adaptformer": L * (2 * D + D * r + r + r * D + D + 1),               # LN_a, Down, Up, scale
+        "adapter": L * (2 * D + D * r + r + r * D + D),
+        "lora": L * 2 * (2 * D * 16),                                        # rank 2**floor(log2(K/4L)) = 16
+        "vpt": L * 64 * D,                                                   # length 2**floor(log2(K/L)) = 64
+        "full": L * (sum(numel(s) for k, s in block.items() if k[:2] != "ln") + 4 * D),
+        "partial": 3 * (sum(numel(s) for k, s in block.items() if k[:2] != "ln") + 4 * D),
+        "bitfit": L * (3 * D + D + 4 * D + D + 2 * D),                       # attn in/out, fc, proj, two LNs
+        "mask": L * sum(round(0.005 * numel(s)) for k, s in block.items() if k[:2] != "ln"),
+        "classifier": 0,
+    }[tuning]
+    assert n["method"] == expected and n["classifier"] == K * D
+    if tuning == "adaptformer":
+        assert (info["r"], n["method"]) == (32, 617_868)
+
+
+@pytest.mark.parametrize("tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"])
+def test_method_trainable_set_start_and_one_step(configs, folder, tuning):
+    import re
+    # r = 4: with the tiny model's size-rule r = 1 a single ReLU unit can be dead for every image
+    cfg, data, model, _ = tiny_model(configs, folder, tuning=tuning, adapter_dim=4, lora_rank=4)
+    _, _, frozen, _ = tiny_model(configs, folder, tuning="classifier")
+    frozen.encoder.visual.load_state_dict(model.encoder.visual.state_dict(), strict=False)
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" in tuned
+    assert all(re.search(METHOD_PARAMS[tuning], n) for n in tuned - {"head.weight"}), sorted(tuned)
+    assert tuning == "classifier" or len(tuned) > 1
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    same = torch.equal(model.features(x), frozen.features(x))
+    assert same == (tuning != "vpt")  # every method but VPT starts exactly at the frozen model (prompts attend)
+
+    def snapshot():  # effective tensors, masked weights included
+        return {**{n: p.detach().clone() for n, p in model.named_parameters()},
+                **{f"{n}.effective": getattr(m, k).detach().clone() for n, m in model.named_modules()
+                   for k in getattr(getattr(m, "parametrizations", None), "keys", lambda: [])()}}
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9, weight_decay=5e-4)
+    with torch.no_grad():  # zero-initialised branches get a live Up so that every tuned tensor has a gradient
+        for mod in [*model.encoder.adaptformer.values(), *model.encoder.adapter.values()]:
+            mod.up.weight.normal_(std=0.1)
+        for mod in [*model.encoder.lora_q.values(), *model.encoder.lora_v.values()]:
+            mod.up.normal_(std=0.1)
+    before = snapshot()
+    lp.logit_adjusted_loss(model(x), torch.tensor([0, 1, 2, 3, 0, 1]), torch.zeros(4)).backward()
+    opt.step()
+    after = snapshot()
+    for n in before:
+        changed = not torch.equal(before[n], after[n])
+        should = n in tuned or (n.endswith(".effective") and tuning == "mask")
+        assert changed == should, n
+
+
+def test_random_mask_trains_exactly_the_chosen_entries(configs, folder, tmp_path):
+    cfg, data, model, _ = tiny_model(configs, folder, tuning="mask", mask_ratio=0.05)
+    fc = model.encoder.blocks[0].mlp.c_fc
+    original = fc.parametrizations.weight.original.detach().clone()
+    index = fc.parametrizations.weight[0].index
+    assert len(index) == round(0.05 * original.numel()) and len(set(index.tolist())) == len(index)
+    lp.train(cfg, data, model, {"image_size": 32, "tuning": "mask", "blocks": [0, 1]}, torch.device("cpu"),
+             tmp_path)
+    changed = (fc.weight.detach() != original).flatten()
+    assert changed.any() and set(torch.nonzero(changed).flatten().tolist()) <= set(index.tolist())
+    assert torch.equal(fc.weight.detach().flatten()[~torch.isin(torch.arange(original.numel()), index)],
+                       original.flatten()[~torch.isin(torch.arange(original.numel()), index)])
+    # the same seed draws the same entries
+    _, _, again, _ = tiny_model(configs, folder, tuning="mask", mask_ratio=0.05)
+    assert torch.equal(again.encoder.blocks[0].mlp.c_fc.parametrizations.weight[0].index, index)
+
+
+@pytest.mark.parametrize("init", ["class_mean", "linear_probe", "none"])
+def test_classifier_inits(configs, folder, init):
+    cfg, data, model, _ = tiny_model(configs, folder, init=init)
+    w = model.head.weight.detach()
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(4))
+    if init == "class_mean":  # reference: mean of the frozen features of each class (all <= 100 here)
+        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32, False, 0)), cfg, torch.device("cpu"))
+        ref = torch.stack([F.normalize(feats[ys == c].mean(0), dim=0) for c in range(4)])
+        torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-5)
+    if init == "linear_probe":  # the probe separates its own training features
+        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32, False, 0)), cfg, torch.device("cpu"))
+        assert (feats @ w.t()).argmax(1).eq(ys).float().mean() > 0.8
+
+
+def test_zeroshot_and_results_table(configs, folder, tmp_path):
+    cfg, report = train_run(configs, folder, tmp_path, tuning="zeroshot")
+    assert "loss" not in report and report["overall"] >= 0
+    train_run(configs, folder, tmp_path, tuning="classifier", epochs=1)
+    table = lp.results_table(tmp_path)
+    lines = table.splitlines()
+    assert len(lines) == 4 and "| zeroshot |" in table and "| classifier |" in table
+    assert lines[2].count("|") == lines[0].count("|")
