@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import center_crop, five_crop, resize, resized_crop
 
 # ==========================================================================================
 # 1. Config
@@ -280,7 +282,10 @@ def find_split_files(cfg: Config) -> dict:
                 name = wanted[key][-1]  # the authors' file names: train.txt, test.txt, ...
                 url = SPLIT_URL.format(subdir=spec["subdir"], name=name)
                 print(f"downloading {url}")
-                atomic_write_bytes(cache / name, urllib.request.urlopen(url, timeout=60).read())
+                try:
+                    atomic_write_bytes(cache / name, urllib.request.urlopen(url, timeout=60).read())
+                except OSError as e:
+                    raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
             found = locate()
             missing = [k for k, p in found.items() if p is None]
     if missing:
@@ -510,8 +515,6 @@ class MDATransform:
         self.epoch = epoch
 
     def __call__(self, img: Image.Image, index: int) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import resized_crop
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         s_min = mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale)
         top, left, side = mda_crop_box(img.height, img.width, s_min, gen)
@@ -531,8 +534,6 @@ class EvalTransform:
         self.size, self.tte, self.expand = size, tte, expand
 
     def __call__(self, img: Image.Image, index: int = 0) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import center_crop, five_crop, resize
         if self.tte:
             img = resize(img, self.size + self.expand, InterpolationMode.BICUBIC)
             views = five_crop(img, [self.size, self.size])
@@ -546,8 +547,6 @@ class InitTransform(EvalTransform):
     """Features for the class-mean and linear-probing inits: shorter side to S, centre crop."""
 
     def __call__(self, img: Image.Image, index: int = 0) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import center_crop, resize
         img = center_crop(resize(img, self.size, InterpolationMode.BICUBIC), [self.size, self.size])
         return to_uint8_tensor(img)[None]
 
@@ -672,7 +671,7 @@ def check_vit(visual, cfg: Config):
     if not isinstance(visual, VisionTransformer):
         raise LiftError(f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower (e.g. ViT-B-16); "
                         f"this model's is {kind}")
-    if visual.attn_pool is not None or getattr(visual, "pool_type", "tok") != "tok" or \
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or \
             not isinstance(visual.patch_dropout, nn.Identity) or \
             not all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks):
         raise LiftError(f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported")
@@ -717,7 +716,7 @@ class LoRA(nn.Module):
         super().__init__()
         self.down = nn.Parameter(torch.empty(dim, r))
         self.up = nn.Parameter(torch.zeros(r, dim))
-        nn.init.kaiming_uniform_(self.down.T, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # as the LIFT+ code: torch's fan-in of [D, r] is r
         self.scale = 1.0 / r
 
     def forward(self, x):
@@ -836,9 +835,9 @@ def class_mean_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return F.normalize(sums, dim=-1).float()
 
 
-def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, iters: int = 100) -> torch.Tensor:
-    """Classifier init baseline: L2-regularised (C = 1) class-balanced multinomial logistic regression
-    fitted with L-BFGS on frozen features; the normalised weight rows (the bias is dropped)."""
+def logistic_regression(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, iters: int = 100) -> tuple:
+    """L2-regularised (C = 1), class-balanced multinomial logistic regression fitted with L-BFGS,
+    the objective of scikit-learn's LogisticRegression(class_weight='balanced'): returns (W, b)."""
     x, y = feats.double(), labels
     counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
     sample_w = (len(y) / (num_classes * counts))[y]                        # 'balanced' class weights
@@ -848,12 +847,22 @@ def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 
     def closure():
         opt.zero_grad()
-        loss = (F.cross_entropy(x @ W.t() + b, y, reduction="none") * sample_w).sum() + 0.5 * (W * W).sum()
+        loss = logistic_objective(x, y, sample_w, W, b)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return F.normalize(W.detach(), dim=-1).float()
+    return W.detach(), b.detach()
+
+
+def logistic_objective(x, y, sample_w, W, b):
+    return (F.cross_entropy(x @ W.t() + b, y, reduction="none") * sample_w).sum() + 0.5 * (W * W).sum()
+
+
+def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Classifier init baseline: the normalised weight rows of a linear probe (the bias is dropped)."""
+    W, _ = logistic_regression(feats, labels, num_classes)
+    return F.normalize(W, dim=-1).float()
 
 
 # ==========================================================================================
@@ -1067,7 +1076,7 @@ def save_checkpoint(path: Path, state: dict):
 
 def checkpoint_identity(cfg: Config, data: LTData, info: dict) -> dict:
     """What a checkpoint must agree on with the run that loads it."""
-    return {"model": cfg.model, "pretrained": cfg.pretrained, "tuning": cfg.tuning, "num_classes": len(data.classnames),
+    return {"model": cfg.model, "tuning": cfg.tuning, "num_classes": len(data.classnames),
             "classes": hashlib.sha1("\n".join(data.classnames).encode()).hexdigest(),
             "method": {k: v for k, v in info.items() if k not in ("image_size",)}}
 
