@@ -51,8 +51,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.functional import center_crop, five_crop, resize, resized_crop
 
 # ==========================================================================================
 # 1. Config
@@ -209,7 +207,10 @@ class LTData:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images named by path, opened lazily: building it never touches the files."""
+    """Images named by path, read lazily: building it never touches the files.
+
+    load(i) returns the decoded image as a uint8 tensor [3, H, W]; JPEGs are decoded by
+    libjpeg-turbo through torchvision (same pixels as PIL, about 1.5x faster), other formats by PIL."""
 
     def __init__(self, paths, labels):
         self.paths, self.labels = list(paths), list(labels)
@@ -217,12 +218,21 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def load(self, i) -> Image.Image:
+    def load(self, i) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        path = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as img:
-                return img.convert("RGB")
+            with open(path, "rb") as f:
+                raw = f.read()
+            if raw[:2] == b"\xff\xd8":  # JPEG
+                try:
+                    return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                except RuntimeError:
+                    pass  # an unusual JPEG (e.g. CMYK): let PIL try
+            with Image.open(io.BytesIO(raw)) as img:
+                return pil_to_tensor(img.convert("RGB"))
         except (OSError, ValueError) as e:  # missing, truncated or not an image
-            raise LiftError(f"cannot read image {self.paths[i]}: {e}") from None
+            raise LiftError(f"cannot read image {path}: {e}") from None
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -234,8 +244,12 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def load(self, i) -> Image.Image:
-        return Image.fromarray(self.images[i])
+    def load(self, i) -> torch.Tensor:
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1)          # [3, H, W]
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
 
 
 def read_split_list(path, root, num_classes=None):
@@ -462,8 +476,9 @@ def summarize_data(data: LTData, name: str) -> str:
 # ==========================================================================================
 # 3. Transforms: minimalist data augmentation (Sec. 4.3) and test-time ensembling (Sec. 4.4)
 # ==========================================================================================
-# Every transform returns uint8 tensors [V, 3, S, S] (V views per image); the model normalises
-# on its own device, so workers move 4x fewer bytes than with float tensors.
+# Images stay uint8 tensors from decoding to the device: transforms crop by slicing and resize with
+# torch's antialiased bicubic filter, and return [V, 3, S, S] (V views per image); the model
+# normalises on its own device, so workers move 4x fewer bytes than with float tensors.
 
 MDA_FUNCTIONS = {  # g(t): how fast the smallest crop area rises from min_scale (t=0) to 1 (g=1)
     "min": lambda t: 0.0,
@@ -497,8 +512,23 @@ def mda_crop_box(height: int, width: int, min_scale: float, gen: torch.Generator
     return top, left, side
 
 
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+def resize_bicubic(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a uint8 image [3, H, W], PIL's filter (a = -0.5) in torch:
+    within one intensity level of PIL's BICUBIC and about 3x faster on a CPU core."""
+    out = F.interpolate(img[None], size=(height, width), mode="bicubic", antialias=True)
+    return out[0]                                                           # [3, height, width] uint8
+
+
+def resize_shorter(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to `size`, the longer one scaled as torchvision's Resize(size) does."""
+    h, w = img.shape[-2:]
+    if h <= w:
+        return resize_bicubic(img, size, int(size * w / h))
+    return resize_bicubic(img, int(size * h / w), size)
+
+
+def centre_box(h: int, w: int, size: int):
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))     # torchvision's centre crop
 
 
 class MDATransform:
@@ -514,12 +544,12 @@ class MDATransform:
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def __call__(self, img: Image.Image, index: int) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, index: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         s_min = mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale)
-        top, left, side = mda_crop_box(img.height, img.width, s_min, gen)
-        out = resized_crop(img, top, left, side, side, [self.size, self.size], InterpolationMode.BICUBIC)
-        return to_uint8_tensor(out)[None]  # [1, 3, S, S]
+        top, left, side = mda_crop_box(img.shape[1], img.shape[2], s_min, gen)
+        crop = img[:, top:top + side, left:left + side]                     # [3, side, side]
+        return resize_bicubic(crop, self.size, self.size)[None]              # [1, 3, S, S]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -533,22 +563,23 @@ class EvalTransform:
     def __init__(self, size: int, tte: bool, expand: int):
         self.size, self.tte, self.expand = size, tte, expand
 
-    def __call__(self, img: Image.Image, index: int = 0) -> torch.Tensor:
-        if self.tte:
-            img = resize(img, self.size + self.expand, InterpolationMode.BICUBIC)
-            views = five_crop(img, [self.size, self.size])
-        else:
-            img = resize(img, self.size + self.size // 7, InterpolationMode.BICUBIC)
-            views = [center_crop(img, [self.size, self.size])]
-        return torch.stack([to_uint8_tensor(v) for v in views])  # [V, 3, S, S]
+    def __call__(self, img: torch.Tensor, index: int = 0) -> torch.Tensor:
+        S = self.size
+        img = resize_shorter(img, S + (self.expand if self.tte else S // 7))  # [3, H', W']
+        h, w = img.shape[1:]
+        t, l = centre_box(h, w, S)
+        boxes = [(0, 0), (0, w - S), (h - S, 0), (h - S, w - S), (t, l)] if self.tte else [(t, l)]
+        return torch.stack([img[:, y:y + S, x:x + S] for y, x in boxes])     # [V, 3, S, S]
 
 
 class InitTransform(EvalTransform):
     """Features for the class-mean and linear-probing inits: shorter side to S, centre crop."""
 
-    def __call__(self, img: Image.Image, index: int = 0) -> torch.Tensor:
-        img = center_crop(resize(img, self.size, InterpolationMode.BICUBIC), [self.size, self.size])
-        return to_uint8_tensor(img)[None]
+    def __call__(self, img: torch.Tensor, index: int = 0) -> torch.Tensor:
+        S = self.size
+        img = resize_shorter(img, S)
+        t, l = centre_box(img.shape[1], img.shape[2], S)
+        return img[None, :, t:t + S, l:l + S]                               # [1, 3, S, S]
 
 
 class Views(torch.utils.data.Dataset):
@@ -723,6 +754,24 @@ class LoRA(nn.Module):
         return (x @ self.down) @ self.up * self.scale
 
 
+class QuickGELUFunction(torch.autograd.Function):
+    """QuickGELU, x * sigmoid(1.702 x), keeping only x for the backward pass.
+
+    Autograd would keep both x and sigmoid(1.702 x), two [B, N, 4D] tensors per block; recomputing
+    the sigmoid in the backward pass halves that memory for the same values."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1.0 - s))
+
+
 class LiftViT(nn.Module):
     """CLIP's image tower run block by block, so that each tuning method plugs in where the paper
     puts it. Returns the CLS feature after the final LayerNorm, BEFORE the image projection."""
@@ -752,33 +801,50 @@ class LiftViT(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)       # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # [B, N, D]
         x = v.ln_pre(x)
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x = self.block(str(i), blk, x)
+            x = self.block(str(i), blk, x, cls_only=i == last)
         return v.ln_post(x[:, 0])                                           # [B, D]
 
-    def block(self, i: str, blk, x):
+    def block(self, i: str, blk, x, cls_only: bool = False):
+        """One transformer block with the tuning modules. cls_only (the last block): only the class
+        token's output is used downstream, so only its query, MLP and adapters are computed; keys
+        and values still come from every token. Same values, about 1/13 fewer FLOPs for ViT-B/16."""
         if i in self.prompts:  # VPT-deep: this block's prompts replace the previous block's
             old = x.shape[1] - self.num_tokens
             p = self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)       # [B, P, D]
             x = torch.cat([x[:, :1], p, x[:, 1 + old:]], dim=1)              # [B, 1 + P + N-1, D]
-        h = x + blk.ls_1(self.attention(i, blk.attn, blk.ln_1(x)))          # h = x + Attn(LN1(x))
-        m = blk.ls_2(blk.mlp(blk.ln_2(h)))                                  # MLP(LN2(h))
+        y = blk.ln_1(x)
+        x = x[:, :1] if cls_only else x                                     # the residual stream we keep
+        h = x + blk.ls_1(self.attention(i, blk.attn, y, cls_only))         # h = x + Attn(LN1(x))
+        m = blk.ls_2(self.mlp(blk.mlp, blk.ln_2(h)))                        # MLP(LN2(h))
         if i in self.adapter:
             m = m + self.adapter[i](m)
         if i in self.adaptformer:
             m = m + self.adaptformer[i](h)                                  # s * Up(ReLU(Down(LN_a(h))))
         return h + m
 
-    def attention(self, i: str, attn: nn.MultiheadAttention, y):
+    @staticmethod
+    def mlp(mlp: nn.Sequential, y):
+        if type(mlp.gelu).__name__ == "QuickGELU":                          # OpenAI CLIP's activation
+            return mlp.c_proj(QuickGELUFunction.apply(mlp.c_fc(y)))
+        return mlp(y)
+
+    def attention(self, i: str, attn: nn.MultiheadAttention, y, cls_only: bool = False):
         B, N, D = y.shape
         H = attn.num_heads
-        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # 3 x [B, N, D]
+        w, b = attn.in_proj_weight, attn.in_proj_bias                      # [3D, D], [3D]
+        yq = y[:, :1] if cls_only else y                                    # queries: [B, Nq, D]
+        q = F.linear(yq, w[:D], b[:D])                                      # [B, Nq, D]
+        k, v = F.linear(y, w[D:], b[D:]).chunk(2, dim=-1)                   # 2 x [B, N, D]
         if i in self.lora_q:
-            q = q + self.lora_q[i](y)
+            q = q + self.lora_q[i](yq)
             v = v + self.lora_v[i](y)
-        q, k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D/H]
-        o = F.scaled_dot_product_attention(q, k, v)                         # [B, H, N, D/H]
-        return attn.out_proj(o.transpose(1, 2).reshape(B, N, D))            # [B, N, D]
+        Nq = q.shape[1]
+        q = q.reshape(B, Nq, H, D // H).transpose(1, 2)                     # [B, H, Nq, D/H]
+        k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (k, v))  # [B, H, N, D/H]
+        o = F.scaled_dot_product_attention(q, k, v)                         # [B, H, Nq, D/H]
+        return attn.out_proj(o.transpose(1, 2).reshape(B, Nq, D))           # [B, Nq, D]
 
 
 class CosineClassifier(nn.Module):
