@@ -109,6 +109,7 @@ class Config:
     amp: str = arg("auto", "auto (bf16 on GPUs that support it, else fp16) | bf16 | fp16 | off; always off on CPU")
     workers: Optional[int] = arg(None, "DataLoader worker processes (default min(8, CPUs))")
     eval_batch_size: int = arg(128, "images per evaluation batch (TTE runs five crops per image)")
+    cache_features: bool = arg(False, "--tuning classifier only: compute the frozen features of fixed views (shorter side to S, centre crop; no MDA) once and train the classifier on them")
     seed: int = arg(0, "seed of the model init, the data order and the crops")
     log_every: int = arg(50, "print a progress line every this many optimiser steps")
 
@@ -168,6 +169,8 @@ def finalize_config(cfg: Config) -> Config:
         cfg.lr = {"classifier": 0.03, "full": 0.001, "partial": 0.001}.get(cfg.tuning, 0.02)
         if cfg.tuning in ("full", "partial") and cfg.data == "places_lt":
             cfg.lr = 0.002
+    if cfg.cache_features and cfg.tuning != "classifier":
+        raise LiftError(f"--cache-features needs --tuning classifier (the backbone must be frozen), got --tuning {cfg.tuning}")
     if cfg.eval_only and cfg.checkpoint is None and cfg.tuning != "zeroshot":
         raise LiftError("--eval-only needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
     if cfg.workers is None:
@@ -1070,7 +1073,8 @@ def amp_dtype(cfg: Config, device: torch.device):
 
 def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
     sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if generator is not None else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
+    workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", drop_last=False)
 
 
@@ -1177,9 +1181,12 @@ def load_tuned(model: nn.Module, tuned: dict, path):
             (params.get(k) if k in params else buffers[k]).copy_(v)
 
 
-def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_dir: Path) -> list:
+def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_dir: Path, features=None) -> list:
     """The LIFT+ training loop (Sec. 4): SGD with momentum and weight decay on the tuned parameters,
-    cosine annealing stepped once per epoch, logit-adjusted loss, MDA crops; a checkpoint per epoch."""
+    cosine annealing stepped once per epoch, logit-adjusted loss, MDA crops; a checkpoint per epoch.
+
+    features: (feats [N, D], labels [N]) precomputed by the frozen backbone (--cache-features); then
+    only the classifier runs, on the same optimiser, schedule and data order."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -1204,14 +1211,20 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
     counts = torch.as_tensor(data.train_counts, dtype=torch.float32)
     log_prior = torch.log(counts / counts.sum()).to(device)                # log pi: [K]
     tau = cfg.tau if cfg.loss == "la" else 0.0                             # CE is LA with tau = 0
-    transform = MDATransform(info["image_size"], cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
-    train_set = Views(data.train, transform)
+    if features is None:
+        transform = MDATransform(info["image_size"], cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
+        train_set, forward = Views(data.train, transform), model
+    else:
+        transform = None
+        train_set = torch.utils.data.TensorDataset(features[0][:, None], features[1])  # items ([1, D], label)
+        forward = model.head
     micro = cfg.batch_size // cfg.accum_steps
     N = len(train_set)
     steps = math.ceil(N / cfg.batch_size)
     t0, done = time.time(), 0
     for epoch in range(start_epoch, cfg.epochs):
-        transform.set_epoch(epoch)
+        if transform is not None:
+            transform.set_epoch(epoch)
         loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         model.train()
         total, seen = 0.0, 0
@@ -1221,7 +1234,7 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
             n_step = min(cfg.batch_size, N - step * cfg.batch_size)        # images in this optimiser step
             x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(x)                                          # [b, K]
+                logits = forward(x)                                        # [b, K]
             loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item() * n_step
@@ -1336,7 +1349,10 @@ def run(cfg: Config) -> dict:
         load_tuned(model, state["tuned"], cfg.checkpoint)
         losses, run_dir = list(state["train_loss"]), Path(cfg.checkpoint).parent
     elif not cfg.eval_only and cfg.tuning != "zeroshot":
-        losses = train(cfg, data, model, info, device, run_dir)
+        features = None
+        if cfg.cache_features:  # the backbone is frozen: run it once, not once per epoch
+            features = extract_features(model, Views(data.train, InitTransform(info["image_size"], False, 0)), cfg, device)
+        losses = train(cfg, data, model, info, device, run_dir, features)
     test_set = Views(data.test, EvalTransform(info["image_size"], cfg.tte, cfg.expand))
     logits, labels = predict(model, test_set, cfg, device)
     report = accuracy_report(logits.argmax(dim=1).numpy(), labels.numpy(), data.train_counts)

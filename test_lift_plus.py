@@ -705,3 +705,26 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path):
     lines = table.splitlines()
     assert len(lines) == 4 and "| zeroshot |" in table and "| classifier |" in table
     assert lines[2].count("|") == lines[0].count("|")
+
+
+def test_cached_features_train_the_classifier_as_the_backbone_would(configs, folder, tmp_path, monkeypatch):
+    """--cache-features runs the frozen backbone once; training on the cached features equals
+    running the backbone every step on the same fixed views."""
+    cfg, cached = train_run(configs, folder, tmp_path / "a", tuning="classifier", cache_features=True, epochs=3)
+
+    class FixedViews(lp.InitTransform):  # what --cache-features trains on, recomputed every step
+        def __init__(self, size, *args):
+            super().__init__(size, False, 0)
+
+        def set_epoch(self, epoch):
+            pass
+
+    monkeypatch.setattr(lp, "MDATransform", FixedViews)
+    _, direct = train_run(configs, folder, tmp_path / "b", tuning="classifier", epochs=3)
+    a = torch.load(tmp_path / "a" / cfg.run_name / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / cfg.run_name / "checkpoint.pt", weights_only=True)
+    torch.testing.assert_close(a["tuned"]["head.weight"], b["tuned"]["head.weight"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    assert cached["per_class"] == direct["per_class"]
+    with pytest.raises(lp.LiftError, match="--cache-features needs --tuning classifier"):
+        make_cfg(configs, tuning="adaptformer", cache_features=True)
