@@ -7,11 +7,13 @@ class-conditional feature distributions of the tail classes disagree (Propositio
 biases predictions toward head classes. LIFT+ therefore keeps CLIP frozen and tunes < 1 % of
 its parameters for a few epochs:
 
-    frozen CLIP ViT  +  AdaptFormer in every block          (Sec. 4.1, lightweight fine-tuning)
-                     +  cosine classifier from text prompts  (Sec. 4.2, semantic-aware init)
-                     +  logit-adjusted cross-entropy         (Sec. 3,   Bayes-consistent loss)
-                     +  minimalist data augmentation (MDA)   (Sec. 4.3)
-                     +  test-time ensembling of five crops   (Sec. 4.4, TTE)
+    frozen CLIP ViT  +  AdaptFormer in every block          [paper: lightweight fine-tuning]
+                     +  cosine classifier from text prompts  [paper: semantic-aware initialization]
+                     +  logit-adjusted cross-entropy         [paper: Proposition 3.1 and its remark]
+                     +  minimalist data augmentation (MDA)   [paper: minimalist data augmentation]
+                     +  test-time ensembling of five crops   [paper: test-time ensembling]
+
+The comments name the paper's component ("[paper: ...]") that each function or class implements.
 
 The file reads top to bottom in the order the algorithm runs:
   1. Config            one dataclass, one line of doc per field, parsed from the command line
@@ -181,7 +183,7 @@ def finalize_config(cfg: Config) -> Config:
 
 
 # ==========================================================================================
-# 2. Data: split lists, CIFAR-100-LT, image folders; Many / Medium / Few groups (Sec. 5.1)
+# 2. Data: split lists, CIFAR-100-LT, image folders; Many / Medium / Few groups [paper: experiments]
 # ==========================================================================================
 
 # Split lists of the standard benchmarks ("relative/path label" per line, OLTR's format).
@@ -317,7 +319,7 @@ def find_split_files(cfg: Config) -> dict:
 
 
 def build_benchmark(cfg: Config) -> LTData:
-    """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists (Sec. 5.1)."""
+    """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists [paper: datasets]."""
     if not Path(cfg.root).is_dir():
         raise LiftError(f"--root {cfg.root}: no such folder (expected the dataset's image root)")
     files = find_split_files(cfg)
@@ -460,7 +462,8 @@ def build_data(cfg: Config) -> LTData:
 
 
 def class_groups(train_counts) -> dict:
-    """Many-shot (> 100 images), Medium-shot (20-100) and Few-shot (< 20) classes (Sec. 5.1)."""
+    """Many-shot (> 100 images), Medium-shot (20-100) and Few-shot (< 20) classes
+    [paper: evaluation protocol]."""
     n = np.asarray(train_counts)
     return {"many": np.flatnonzero(n > 100), "medium": np.flatnonzero((n >= 20) & (n <= 100)),
             "few": np.flatnonzero(n < 20)}
@@ -477,7 +480,7 @@ def summarize_data(data: LTData, name: str) -> str:
 
 
 # ==========================================================================================
-# 3. Transforms: minimalist data augmentation (Sec. 4.3) and test-time ensembling (Sec. 4.4)
+# 3. Transforms: [paper: minimalist data augmentation] and [paper: test-time ensembling]
 # ==========================================================================================
 # Images stay uint8 tensors from decoding to the device: transforms crop by slicing and resize with
 # torch's antialiased bicubic filter, and return [V, 3, S, S] (V views per image); the model
@@ -601,7 +604,8 @@ class Views(torch.utils.data.Dataset):
 
 
 # ==========================================================================================
-# 4. Model: frozen CLIP ViT, AdaptFormer (Sec. 4.1), cosine classifier + semantic init (Sec. 4.2)
+# 4. Model: frozen CLIP ViT, AdaptFormer [paper: lightweight fine-tuning], cosine classifier
+#    [paper: semantic-aware initialization]
 # ==========================================================================================
 
 
@@ -730,8 +734,8 @@ class Adapter(nn.Module):
 
 
 class AdaptFormer(Adapter):
-    """AdaptFormer, LIFT+'s lightweight module (Sec. 4.1): parallel to the MLP, reading the residual
-    stream after attention, with a learnable scale s (init 1):
+    """AdaptFormer, LIFT+'s lightweight module [paper: lightweight fine-tuning]: parallel to the
+    MLP, reading the residual stream after attention, with a learnable scale s (init 1):
 
         h = x + Attn(LN1(x));   out = h + MLP(LN2(h)) + s * Up(ReLU(Down(LN_a(h))))"""
 
@@ -851,7 +855,7 @@ class LiftViT(nn.Module):
 
 
 class CosineClassifier(nn.Module):
-    """logit_j = s * <f / |f|, w_j / |w_j|>, no bias (Sec. 4.2; s = 25)."""
+    """logit_j = s * <f / |f|, w_j / |w_j|>, no bias [paper: semantic-aware initialization; s = 25]."""
 
     def __init__(self, weight: torch.Tensor, scale: float):
         super().__init__()
@@ -893,7 +897,7 @@ def text_features(clip, tokenizer, classnames, template: str, device) -> torch.T
 
 
 def semantic_init(text_feats: torch.Tensor, image_proj: torch.Tensor) -> torch.Tensor:
-    """Semantic-aware classifier init (Sec. 4.2): map text features back through the image projection,
+    """[paper: semantic-aware initialization] Map text features back through the image projection,
     w_j = normalize(t_j @ P^T), so that <f, w_j> is proportional to CLIP's image-text score <f P, t_j>."""
     return F.normalize(text_feats @ image_proj.t().float(), dim=-1)        # [K, E] @ [E, D] -> [K, D]
 
@@ -935,7 +939,7 @@ def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 # ==========================================================================================
-# 5. Tuning methods: what trains (Sec. 4.1 for LIFT+; Sec. 5 baselines)
+# 5. Tuning methods: what trains (LIFT+, and [paper: the fine-tuning methods it is compared with])
 # ==========================================================================================
 
 
@@ -1033,7 +1037,7 @@ def count_params(model: LiftModel) -> dict:
 
 
 # ==========================================================================================
-# 6. Loss: logit-adjusted cross-entropy (Sec. 3; Menon et al., 2021)
+# 6. Loss: logit-adjusted cross-entropy [paper: Proposition 3.1 and its remark; Menon et al., 2021]
 # ==========================================================================================
 
 
@@ -1091,8 +1095,8 @@ def extract_features(model: LiftModel, dataset, cfg: Config, device) -> tuple:
 
 
 def init_classifier(model: LiftModel, clip, tokenizer, data: LTData, cfg: Config, device, size: int):
-    """Classifier init (Sec. 4.2): text prompts (semantic, and zero-shot), class means, a linear
-    probe, or random unit vectors ('none')."""
+    """Classifier init [paper: semantic-aware initialization, and its ablation]: text prompts
+    (semantic, and zero-shot), class means, a linear probe, or random unit vectors ('none')."""
     K = len(data.classnames)
     if cfg.tuning == "zeroshot" or cfg.init == "semantic":
         t = text_features(clip, tokenizer, data.classnames, cfg.prompt, device)     # [K, E]
@@ -1182,8 +1186,9 @@ def load_tuned(model: nn.Module, tuned: dict, path):
 
 
 def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_dir: Path, features=None) -> list:
-    """The LIFT+ training loop (Sec. 4): SGD with momentum and weight decay on the tuned parameters,
-    cosine annealing stepped once per epoch, logit-adjusted loss, MDA crops; a checkpoint per epoch.
+    """The LIFT+ training loop [paper: the LIFT+ framework]: SGD with momentum and weight decay on
+    the tuned parameters, cosine annealing stepped once per epoch, logit-adjusted loss, MDA crops;
+    a checkpoint per epoch.
 
     features: (feats [N, D], labels [N]) precomputed by the frozen backbone (--cache-features); then
     only the classifier runs, on the same optimiser, schedule and data order."""
@@ -1263,7 +1268,7 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
 
 
 # ==========================================================================================
-# 8. Evaluation: TTE, Overall / Many / Medium / Few accuracy (Sec. 5.1), results.json
+# 8. Evaluation: TTE, Overall / Many / Medium / Few accuracy [paper: evaluation protocol], results.json
 # ==========================================================================================
 
 
