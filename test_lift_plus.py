@@ -513,7 +513,7 @@ def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
     cfg2 = make_cfg(configs, data=str(folder), out=str(tmp_path), eval_only=True, checkpoint=str(ckpt))
     again = lp.run(cfg2)
     assert again["per_class"] == report["per_class"] and again["overall"] == report["overall"]
-    assert (tmp_path / cfg.run_name / "results_eval_tte24.json").exists()
+    assert (tmp_path / cfg.run_name / "results_eval_tte3.json").exists()  # 24 px at 224 -> 3 px at 32
     results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
     assert results["train_counts"] == [30, 12, 5, 3] and results["metrics"]["overall"] == report["overall"]
 
@@ -728,3 +728,49 @@ def test_cached_features_train_the_classifier_as_the_backbone_would(configs, fol
     assert cached["per_class"] == direct["per_class"]
     with pytest.raises(lp.LiftError, match="--cache-features needs --tuning classifier"):
         make_cfg(configs, tuning="adaptformer", cache_features=True)
+
+
+# ------------------------------------------------------------------------------------------
+# 9. The offline world
+# ------------------------------------------------------------------------------------------
+
+def test_world_task_is_long_tailed_and_deterministic():
+    spec = lp.WORLDS["shapes_lt"]
+    data = lp.build_world_task(lp.finalize_config(lp.Config(data="shapes_lt")))
+    g = lp.class_groups(data.train_counts)
+    assert min(len(g["many"]), len(g["medium"]), len(g["few"])) > 0
+    assert len(set(data.classnames)) == len(data.classnames) == spec.num_classes
+    assert np.bincount(data.test.labels).tolist() == [spec.test_per_class] * spec.num_classes
+    assert data.train.load(0).shape == (3, spec.image_size, spec.image_size)
+    concepts = lp.world_concepts()[:3]
+    a = lp.render_images(concepts, spec.task_style, seed=5)
+    assert np.array_equal(a, lp.render_images(concepts, spec.task_style, seed=5))
+    assert not np.array_equal(a, lp.render_images(concepts, spec.task_style, seed=6))
+
+
+def test_world_pretraining_is_cached_and_reused(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    small = dataclasses.replace(lp.WORLDS["shapes_lt"], pretrain_images=512, pretrain_epochs=1)
+    monkeypatch.setitem(lp.WORLDS, "shapes_lt", small)
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
+    lp.prepare_world_model(cfg)
+    assert cfg.model.endswith(".json") and Path(cfg.pretrained).is_file()
+    assert Path(cfg.pretrained).parent == tmp_path / "world" / lp.world_key(small)
+
+    stamp = Path(cfg.pretrained).stat().st_mtime_ns
+    capsys.readouterr()
+    again = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
+    lp.prepare_world_model(again)                                          # (the key hashes the code: no monkeypatching)
+    assert (again.model, again.pretrained) == (cfg.model, cfg.pretrained)
+    assert Path(again.pretrained).stat().st_mtime_ns == stamp and "pretraining" not in capsys.readouterr().out
+    other = dataclasses.replace(small, pretrain_epochs=2)                    # another world, another key
+    assert lp.world_key(other) != lp.world_key(small)
+
+
+def test_world_zero_shot_beats_chance(tmp_path):
+    """The pretrained world CLIP (the default cache, shared with the quick start and the tutorial)
+    recognises the downstream classes from their names alone."""
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", tuning="zeroshot", workers=0, out=str(tmp_path), device="cpu"))
+    report = lp.run(cfg)
+    chance = 100.0 / lp.WORLDS["shapes_lt"].num_classes
+    assert report["overall"] > 3 * chance, report["overall"]
