@@ -1235,17 +1235,17 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
             transform.set_epoch(epoch)
         loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         model.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros((), device=device), 0                     # summed loss stays on the device: no sync per step
         opt.zero_grad(set_to_none=True)
         for j, (views, y) in enumerate(loader):
             step = j // cfg.accum_steps
             n_step = min(cfg.batch_size, N - step * cfg.batch_size)        # images in this optimiser step
-            x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S]
+            x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S] (or [b, D])
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = forward(x)                                        # [b, K]
             loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
             (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.item() * n_step
+            total += loss.detach() * n_step
             seen += len(y)
             if (j + 1) % cfg.accum_steps == 0 or seen == N:
                 if scaler:
@@ -1258,11 +1258,11 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
                 if (step + 1) % cfg.log_every == 0 or seen == N:
                     rate = done / (time.time() - t0)
                     eta = ((cfg.epochs - epoch) * steps - step - 1) / max(rate, 1e-9)
-                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps} loss {total / seen:.4f} "
+                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps} loss {total.item() / seen:.4f} "
                           f"lr {opt.param_groups[0]['lr']:.5f} {rate * cfg.batch_size:.1f} img/s "
                           f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
         sched.step()
-        losses.append(total / seen)
+        losses.append(total.item() / seen)
         save_checkpoint(ckpt_path, {
             "identity": identity, "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "train_loss": losses,
             "tuned": tuned_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -1639,9 +1639,11 @@ def run(cfg: Config) -> dict:
     if cfg.expand is None:  # the paper's 24 pixels at 224, scaled to this model's image size
         cfg.expand = round(24 * info["image_size"] / 224)
     params = count_params(model)
+    share = lambda n: f"{100 * n / params['image_encoder']:.2f}%"
+    sizes = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("tuning", "blocks"))
     print(f"tuning {cfg.tuning}: {params['method']:,} method + {params['classifier']:,} classifier parameters tuned "
-          f"({100 * params['method'] / params['image_encoder']:.2f}% + {100 * params['classifier'] / params['image_encoder']:.2f}% "
-          f"of the {params['image_encoder']:,}-parameter image encoder) {', '.join(f'{k}={v}' for k, v in info.items() if k not in ('tuning', 'blocks'))}")
+          f"({share(params['method'])} + {share(params['classifier'])} of the {params['image_encoder']:,}-parameter "
+          f"image encoder); {sizes}")
     run_dir = Path(cfg.out) / cfg.run_name
     losses = []
     if cfg.eval_only and cfg.checkpoint:
