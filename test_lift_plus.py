@@ -774,3 +774,17 @@ def test_world_zero_shot_beats_chance(tmp_path):
     report = lp.run(cfg)
     chance = 100.0 / lp.WORLDS["shapes_lt"].num_classes
     assert report["overall"] > 3 * chance, report["overall"]
+
+
+def test_tutorial_notebook_runs_offline(tmp_path):
+    """tutorial.ipynb, offline configuration, top to bottom: any cell error fails the test."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    assert nb.cells[2].source.strip().startswith('CONFIG = "offline"')
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for label in ("zero-shot", "classifier", "full, heavy", "LIFT+"):
+        assert label in printed
+    figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert figures >= 4
