@@ -681,8 +681,11 @@ def load_clip(cfg: Config):
         hf_constants.HF_HUB_OFFLINE = True  # use the local cache only: fail in seconds, not after a minute of retries
     logging.disable(logging.ERROR)  # open_clip logs the same failure we report below
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
-                                      cache_dir=os.environ.get("LIFT_CLIP_CACHE"))
+        if pretrained and not tag_cfg and is_openai_release(pretrained):
+            clip = load_openai_release(name, pretrained, quick_gelu)
+        else:
+            clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                          cache_dir=os.environ.get("LIFT_CLIP_CACHE"))
     except Exception as e:
         if tag_cfg:
             hub = tag_cfg.get("hf_hub", "").rstrip("/")
@@ -702,6 +705,17 @@ def load_clip(cfg: Config):
     act = type(clip.visual.transformer.resblocks[0].mlp[1]).__name__ if hasattr(clip.visual, "transformer") else "?"
     print(f"model {name}, weights {pretrained or 'random'}, activation {act}")
     return clip.eval(), mean, std
+
+
+def load_openai_release(name: str, path: str, quick_gelu: bool):
+    """OpenAI's own weight file (e.g. ViT-B-16.pt) is a TorchScript archive, which torch.load refuses
+    with weights_only=True; read it with torch.jit.load, as OpenAI's loader does, and copy its tensors
+    (the same names as open_clip's CLIP) into the open_clip model: every one of the model's is required."""
+    import open_clip
+    archive = torch.jit.load(path, map_location="cpu").state_dict()       # also holds metadata scalars
+    clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    clip.load_state_dict({k: archive[k] for k in clip.state_dict() if k in archive}, strict=True)  # none missing
+    return clip
 
 
 def check_vit(visual, cfg: Config):

@@ -788,3 +788,21 @@ def test_tutorial_notebook_runs_offline(tmp_path):
         assert label in printed
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert figures >= 4
+
+
+def test_openai_torchscript_release_loads_with_quick_gelu(configs, tmp_path):
+    """OpenAI ships ViT-B-16.pt as a TorchScript archive of the CLIP module: it must load (torch.load
+    with weights_only refuses such archives), be recognised as OpenAI's, and compute the same function."""
+    import open_clip
+    name = lp.open_clip_name(str(configs["TinyViT-test"]))
+    torch.manual_seed(3)
+    ref = open_clip.create_model(name, pretrained=None).eval()
+    img, txt = torch.randn(2, 3, 32, 32), open_clip.get_tokenizer(name)(["a photo of a cat.", "a dog"])
+    traced = torch.jit.trace(ref, (img, txt), check_trace=False, strict=False)   # a TorchScript CLIP, as OpenAI's
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(traced, str(path))
+    cfg = lp.finalize_config(lp.Config(model=str(configs["TinyViT-test"]), pretrained=str(path)))
+    assert lp.resolve_clip(cfg)[2] is True                                    # QuickGELU
+    clip, _, _ = lp.load_clip(cfg)
+    torch.testing.assert_close(clip.encode_image(img), ref.encode_image(img))
+    torch.testing.assert_close(clip.encode_text(txt), ref.encode_text(txt))
