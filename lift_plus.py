@@ -1535,22 +1535,22 @@ def world_counts(spec: WorldSpec) -> list:
     return [int(spec.max_count * (1 / spec.imbalance) ** (i / (K - 1))) for i in range(K)]
 
 
-_WORLD_TASKS = {}  # world name -> LTData: the images are drawn once per process
+_WORLD_TASKS = {}  # WorldSpec -> LTData: the images are drawn once per process and world
 
 
 def build_world_task(cfg: Config) -> LTData:
     """The long-tailed downstream task of the world --data names: exponential training counts,
     a balanced test set, both in the task style (train and test images drawn with different seeds)."""
-    if cfg.data not in _WORLD_TASKS:
-        spec = WORLDS[cfg.data]
+    spec = WORLDS[cfg.data]
+    if spec not in _WORLD_TASKS:
         classes, counts = world_task_classes(spec), world_counts(spec)
         y_train = np.repeat(np.arange(len(classes)), counts)                 # [N_train]
         y_test = np.repeat(np.arange(len(classes)), spec.test_per_class)     # [N_test]
         train = render_images([classes[y] for y in y_train], spec.task_style, spec.seed + 1, spec.image_size)
         test = render_images([classes[y] for y in y_test], spec.task_style, spec.seed + 2, spec.image_size)
-        _WORLD_TASKS[cfg.data] = LTData(ArrayDataset(train, y_train), ArrayDataset(test, y_test),
-                                        [concept_name(c) for c in classes], np.asarray(counts))
-    return _WORLD_TASKS[cfg.data]
+        _WORLD_TASKS[spec] = LTData(ArrayDataset(train, y_train), ArrayDataset(test, y_test),
+                                   [concept_name(c) for c in classes], np.asarray(counts))
+    return _WORLD_TASKS[spec]
 
 
 def as_dict(pairs):
