@@ -135,13 +135,13 @@ def worker(args):
 
     def step():
         if args.what == "train":
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with lp.autocast(device, dtype):
                 logits = forward(images)
             lp.logit_adjusted_loss(logits, labels, log_prior).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.inference_mode(), lp.autocast(device, dtype):
                 batch = images.view(args.batch, views, 3, 224, 224)
                 if args.impl == "fast":
                     lp.tte_logits(model, batch)                              # V passes of B images
@@ -267,7 +267,7 @@ def frozen_feature_modes(count=2000, threads=2):
     info["image_size"] = 224
     cpu = torch.device("cpu")
     t_backbone = timed(lambda: lp.train(cfg, data, model, info, cpu, Path(cfg.out) / "a"))
-    view = lp.Views(data.train, lp.InitTransform(224, False, 0))
+    view = lp.Views(data.train, lp.InitTransform(224))
     feats = {}
     t_extract = timed(lambda: feats.update(f=lp.extract_features(model, view, cfg, cpu)))
     t_cached = timed(lambda: lp.train(cfg, data, model, info, cpu, Path(cfg.out) / "b", feats["f"]))

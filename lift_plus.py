@@ -580,8 +580,11 @@ class EvalTransform:
         return torch.stack([img[:, y:y + S, x:x + S] for y, x in boxes])     # [V, 3, S, S]
 
 
-class InitTransform(EvalTransform):
+class InitTransform:
     """Features for the class-mean and linear-probing inits: shorter side to S, centre crop."""
+
+    def __init__(self, size: int):
+        self.size = size
 
     def __call__(self, img: torch.Tensor, index: int = 0) -> torch.Tensor:
         S = self.size
@@ -699,12 +702,16 @@ def load_clip(cfg: Config):
     finally:
         logging.disable(logging.NOTSET)
         hf_constants.HF_HUB_OFFLINE = hub_offline
-    pcfg = {**getattr(clip.visual, "preprocess_cfg", {}), **{k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg}}
-    mean = tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-    std = tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    mean, std = clip_mean_std(clip.visual, tag_cfg)
     act = type(clip.visual.transformer.resblocks[0].mlp[1]).__name__ if hasattr(clip.visual, "transformer") else "?"
     print(f"model {name}, weights {pretrained or 'random'}, activation {act}")
     return clip.eval(), mean, std
+
+
+def clip_mean_std(visual, tag_cfg=None) -> tuple:
+    """CLIP's input normalisation: the pretrained tag's mean / std, else the model config's, else OpenAI's."""
+    pcfg = {**getattr(visual, "preprocess_cfg", {}), **{k: v for k, v in (tag_cfg or {}).items() if k in ("mean", "std")}}
+    return tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))), tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
 
 
 def load_openai_release(name: str, path: str, quick_gelu: bool):
@@ -1091,6 +1098,11 @@ def amp_dtype(cfg: Config, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
+def autocast(device: torch.device, dtype):
+    """Mixed precision where amp_dtype chose a dtype; a no-op context otherwise (CPU, --amp off)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
     sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if generator is not None else None
     workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
@@ -1102,9 +1114,10 @@ def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
 def extract_features(model: LiftModel, dataset, cfg: Config, device) -> tuple:
     """Frozen features of a dataset (one view per image): ([N, D] float32, [N] labels)."""
     model.eval()
+    dtype = amp_dtype(cfg, device)
     feats, labels = [], []
     for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
-        with torch.autocast(device.type, dtype=amp_dtype(cfg, device), enabled=amp_dtype(cfg, device) is not None):
+        with autocast(device, dtype):
             feats.append(model.features(views[:, 0].to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
@@ -1123,7 +1136,7 @@ def init_classifier(model: LiftModel, clip, tokenizer, data: LTData, cfg: Config
         rng = np.random.RandomState(cfg.seed)
         labels = np.asarray(data.train.labels)
         idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:100] for c in range(K)])
-        feats, ys = extract_features(model, Views(data.train, InitTransform(size, False, 0), idx), cfg, device)
+        feats, ys = extract_features(model, Views(data.train, InitTransform(size), idx), cfg, device)
         w = (class_mean_init if cfg.init == "class_mean" else linear_probe_init)(feats, ys, K)
     with torch.no_grad():
         model.head.weight.copy_(w.to(model.head.weight.device))
@@ -1255,7 +1268,7 @@ def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_d
             step = j // cfg.accum_steps
             n_step = min(cfg.batch_size, N - step * cfg.batch_size)        # images in this optimiser step
             x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S] (or [b, D])
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, dtype):
                 logits = forward(x)                                        # [b, K]
             loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
             (scaler.scale(loss) if scaler else loss).backward()
@@ -1307,7 +1320,7 @@ def predict(model: LiftModel, dataset, cfg: Config, device) -> tuple:
     dtype = amp_dtype(cfg, device)
     out, labels = [], []
     for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             out.append(tte_logits(model, views.to(device, non_blocking=True)).cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(out), torch.cat(labels)
@@ -1598,9 +1611,7 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
                                             seed + 3, spec.image_size)).permute(0, 3, 1, 2)  # [N, 3, S, S]
     captions = [CAPTIONS[rng.randint(len(CAPTIONS))].format(concept_name(concepts[c])) for c in order.ravel()]
     tokens = tokenizer(captions)                                             # [N, context]
-    pcfg = getattr(clip.visual, "preprocess_cfg", {})
-    mean = torch.tensor(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711))).view(1, 3, 1, 1) * 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in clip_mean_std(clip.visual))  # for uint8 images
     B = spec.pretrain_batch
     rows = np.arange(len(images)).reshape(per, C)                           # image index of (round, concept slot)
     steps = spec.pretrain_epochs * (len(images) // B)
@@ -1681,7 +1692,7 @@ def run(cfg: Config) -> dict:
     elif not cfg.eval_only and cfg.tuning != "zeroshot":
         features = None
         if cfg.cache_features:  # the backbone is frozen: run it once, not once per epoch
-            features = extract_features(model, Views(data.train, InitTransform(info["image_size"], False, 0)), cfg, device)
+            features = extract_features(model, Views(data.train, InitTransform(info["image_size"])), cfg, device)
         losses = train(cfg, data, model, info, device, run_dir, features)
     test_set = Views(data.test, EvalTransform(info["image_size"], cfg.tte, cfg.expand))
     logits, labels = predict(model, test_set, cfg, device)

@@ -310,7 +310,7 @@ def test_tte_views_match_torchvision_five_crops():
     single = lp.EvalTransform(224, tte=False, expand=24)(torch.from_numpy(np.array(pil)).permute(2, 0, 1))
     ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])(pil)
     assert_close_to_pil(single, [ref])                               # resize 256, centre crop 224
-    init = lp.InitTransform(224, False, 0)(torch.from_numpy(np.array(pil)).permute(2, 0, 1))
+    init = lp.InitTransform(224)(torch.from_numpy(np.array(pil)).permute(2, 0, 1))
     ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])(pil)
     assert_close_to_pil(init, [ref])
 
@@ -682,11 +682,11 @@ def test_classifier_inits(configs, folder, init):
     w = model.head.weight.detach()
     torch.testing.assert_close(w.norm(dim=-1), torch.ones(4))
     if init == "class_mean":  # reference: mean of the frozen features of each class (all <= 100 here)
-        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32, False, 0)), cfg, torch.device("cpu"))
+        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32)), cfg, torch.device("cpu"))
         ref = torch.stack([F.normalize(feats[ys == c].mean(0), dim=0) for c in range(4)])
         torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-5)
     if init == "linear_probe":  # the probe is a stationary point of its objective, and the init is its rows
-        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32, False, 0)), cfg, torch.device("cpu"))
+        feats, ys = lp.extract_features(model, lp.Views(data.train, lp.InitTransform(32)), cfg, torch.device("cpu"))
         W, b = lp.logistic_regression(feats, ys, 4, iters=500)
         # (the init saw the same images in another order, so the 100-step L-BFGS differs in rounding)
         torch.testing.assert_close(w, F.normalize(lp.logistic_regression(feats, ys, 4)[0], dim=-1).float(),
@@ -714,7 +714,7 @@ def test_cached_features_train_the_classifier_as_the_backbone_would(configs, fol
 
     class FixedViews(lp.InitTransform):  # what --cache-features trains on, recomputed every step
         def __init__(self, size, *args):
-            super().__init__(size, False, 0)
+            super().__init__(size)
 
         def set_epoch(self, epoch):
             pass
