@@ -10,14 +10,15 @@ subprocess, so its peak resident memory is its own and the glibc allocator can b
 'default' or 'tuned' (MALLOC_MMAP_MAX_=0, large MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_: freed
 activation buffers stay mapped, so the next step does not page-fault them in again).
 
-'plain' is the straightforward implementation the fast path is measured against: open_clip's own
-blocks (nn.MultiheadAttention, its QuickGELU module, every token through the last block) with
-AdaptFormer added to the MLP branch. Before timing, the fast path's logits and gradients are
-checked against it.
+'plain' is the implementation the fast path is measured against: lift_plus.py's taught forward
+(Part I, a LiftModel without make_fast): open_clip's own blocks (nn.MultiheadAttention, its
+QuickGELU module, every token through the last block) plus the AdaptFormer line in the MLP branch.
+'ours' (fast) is the same model after lp.make_fast (Appendix D): LeanQuickGELU and a class-token-only
+last block. Before timing, the fast path's logits and gradients are checked against the plain
+one's on the same weights.
 """
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -61,27 +62,6 @@ def step_flops(last_block_cls_only: bool) -> float:
 
 
 # ------------------------------------------------------------------------------------------
-# the plain reference forward
-# ------------------------------------------------------------------------------------------
-
-def plain_features(model: lp.LiftModel, images: torch.Tensor) -> torch.Tensor:
-    v = model.encoder.visual
-    x = (images.float() - model.mean) / model.std
-    x = v.conv1(x).flatten(2).transpose(1, 2)
-    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
-    x = v.ln_pre(x)
-    for i, blk in enumerate(v.transformer.resblocks):
-        y = blk.ln_1(x)
-        h = x + blk.attn(y, y, y, need_weights=False)[0]
-        x = h + blk.mlp(blk.ln_2(h)) + model.encoder.adaptformer[str(i)](h)
-    return v.ln_post(x[:, 0])
-
-
-def plain_forward(model, images):
-    return model.head(plain_features(model, images))
-
-
-# ------------------------------------------------------------------------------------------
 # worker: one model measurement in its own process
 # ------------------------------------------------------------------------------------------
 
@@ -101,15 +81,20 @@ def peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def build(device):
+def build(device, impl="fast"):
+    """Random-weight ViT-B/16 LiftModel with AdaptFormer: the taught path ('plain'), or after
+    lp.make_fast ('fast'). The same weights for both (seeded)."""
     import open_clip
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)
     model = lp.LiftModel(clip.visual, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), K, 25.0)
     lp.configure_tuning(model, lp.finalize_config(lp.Config(data="imagenet_lt")), K)
-    with torch.no_grad():  # trained-looking adapters, so that gradients flow through every branch
+    with torch.no_grad():  # trained-looking adapters and a non-zero head, so that gradients flow through every branch
         for af in model.encoder.adaptformer.values():
             af.up.weight.normal_(std=0.02)
+        model.head.weight.normal_()                         # LiftModel's head starts at zero: logits 0, no gradient below it
+    if impl == "fast":
+        lp.make_fast(model)
     return model.to(device)
 
 
@@ -117,8 +102,7 @@ def worker(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = build(device)
-    forward = model if args.impl == "fast" else (lambda x: plain_forward(model, x))
+    model = build(device, args.impl)
     g = torch.Generator().manual_seed(0)
     views = 5 if args.what == "eval_tte" else 1
     images = torch.randint(0, 256, (args.batch * views, 3, 224, 224), dtype=torch.uint8, generator=g).to(device)
@@ -135,18 +119,18 @@ def worker(args):
 
     def step():
         if args.what == "train":
-            with lp.autocast(device, dtype):
-                logits = forward(images)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(images)
             lp.logit_adjusted_loss(logits, labels, log_prior).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            with torch.inference_mode(), lp.autocast(device, dtype):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 batch = images.view(args.batch, views, 3, 224, 224)
                 if args.impl == "fast":
                     lp.tte_logits(model, batch)                              # V passes of B images
                 else:
-                    forward(images).float().view(args.batch, views, -1).mean(1)  # one pass of B * V
+                    model(images).float().view(args.batch, views, -1).mean(1)  # one pass of B * V
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -189,17 +173,17 @@ def timed(f) -> float:
 
 
 def check_equivalence(threads=2):
-    """The fast path's logits and gradients against the plain forward, same weights, fp32."""
+    """The fast path's logits and gradients against the plain (taught) path, same weights, fp32."""
     torch.set_num_threads(threads)
-    model = build(torch.device("cpu"))
     x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([3, 7])
     out = {}
-    for name, f in (("fast", model), ("plain", lambda im: plain_forward(model, im))):
-        logits = f(x)
+    for name in ("fast", "plain"):
+        model = build(torch.device("cpu"), name)
+        logits = model(x)
         lp.logit_adjusted_loss(logits, y, torch.zeros(K)).backward()
         out[name] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        model.zero_grad(set_to_none=True)
+        del model
     dlogit = (out["fast"][0] - out["plain"][0]).abs().max().item()
     dgrad = max(((out["fast"][1][n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in out["plain"][1].items())
     return dlogit, dgrad
@@ -215,6 +199,11 @@ def natural_jpegs(folder: Path, count: int):
         Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
 
 
+def mda_seed(seed: int, epoch: int, index: int) -> int:
+    """The generator seed lp.MDATransform uses for image `index` at `epoch` (inline in its __call__)."""
+    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+
+
 def input_pipeline(count=200):
     """Images per second on one core: the plain PIL path against lift_plus's tensor path."""
     from PIL import Image
@@ -226,13 +215,13 @@ def input_pipeline(count=200):
     with tempfile.TemporaryDirectory() as d:
         natural_jpegs(Path(d), count)
         paths = sorted(Path(d).glob("*.jpg"), key=lambda p: int(p.stem))
-        ds = lp.ImageListDataset([str(p) for p in paths], [0] * count)
+        ds = lp.ImageSet([str(p) for p in paths], [0] * count)
         mda = lp.MDATransform(224, 5, "convex", 0.08, seed=0)
-        tte = lp.EvalTransform(224, True, 24)
+        tte = lp.EvalTransform(224, 224 + 24, True)
 
         def plain_mda(i):
             img = Image.open(paths[i]).convert("RGB")
-            gen = torch.Generator().manual_seed(lp.sample_seed(0, 0, i))  # the same crops as the fast path
+            gen = torch.Generator().manual_seed(mda_seed(0, 0, i))  # the same crops as the fast path
             top, left, side = lp.mda_crop_box(img.height, img.width, 0.08, gen)
             return norm(TF.to_tensor(TF.resized_crop(img, top, left, side, side, [224, 224], bicubic)))
 
@@ -257,20 +246,20 @@ def frozen_feature_modes(count=2000, threads=2):
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (count, 64, 64, 3), dtype=np.uint8)
     labels = np.arange(count) % 50
-    data = lp.LTData(lp.ArrayDataset(images, labels), lp.ArrayDataset(images[:10], labels[:10]),
+    data = lp.LTData(lp.ImageSet(images, labels), lp.ImageSet(images[:10], labels[:10]),
                      [f"class {i}" for i in range(50)], np.bincount(labels))
-    cfg = lp.finalize_config(lp.Config(data="bench", tuning="classifier", workers=0, batch_size=128, epochs=1,
-                                       eval_batch_size=128, log_every=10 ** 6, out=tempfile.mkdtemp()))
+    cfg = lp.finalize_config(lp.Config(data="bench", model="ViT-B-32", tuning="classifier", workers=0, batch_size=128,
+                                       epochs=1, eval_batch_size=128, log_every=10 ** 6, out=tempfile.mkdtemp()))
     clip = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
-    model = lp.LiftModel(clip.visual, (0.5,) * 3, (0.5,) * 3, 50, 25.0)
-    info = lp.configure_tuning(model, cfg, 50)
-    info["image_size"] = 224
-    cpu = torch.device("cpu")
-    t_backbone = timed(lambda: lp.train(cfg, data, model, info, cpu, Path(cfg.out) / "a"))
-    view = lp.Views(data.train, lp.InitTransform(224))
+    model = lp.LiftModel(clip.visual, (0.5,) * 3, (0.5,) * 3, 50, 25.0)  # CPU: train takes the device from the model
+    lp.configure_tuning(model, cfg, 50)
+    lp.make_fast(model)                                                   # as lift_plus's build_model (--fast, the default)
+    S = model.image_size                                                  # 224
+    t_backbone = timed(lambda: lp.train(cfg, data, model, Path(cfg.out) / "a"))
+    view = lp.Views(data.train, lp.EvalTransform(S, S, False))
     feats = {}
-    t_extract = timed(lambda: feats.update(f=lp.extract_features(model, view, cfg, cpu)))
-    t_cached = timed(lambda: lp.train(cfg, data, model, info, cpu, Path(cfg.out) / "b", feats["f"]))
+    t_extract = timed(lambda: feats.update(f=lp.extract_features(model, view, cfg)))
+    t_cached = timed(lambda: lp.train(cfg, data, model, Path(cfg.out) / "b", feats["f"]))
     f, y = feats["f"]
     t_mean = timed(lambda: lp.class_mean_init(f, y, 50))
     t_probe = timed(lambda: lp.linear_probe_init(f, y, 50))

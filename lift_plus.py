@@ -2,30 +2,24 @@
 
 Shi, Wei, Li, "LIFT+: Lightweight Fine-Tuning for Long-Tail Learning", arXiv 2504.13282.
 
-Heavy fine-tuning of a foundation model on long-tailed data makes the train and test
-class-conditional feature distributions of the tail classes disagree (Proposition 3.1), which
-biases predictions toward head classes. LIFT+ therefore keeps CLIP frozen and tunes < 1 % of
-its parameters for a few epochs:
+Heavy fine-tuning of a foundation model on long-tailed data makes the train and test class-conditional
+feature distributions of the tail classes disagree, which biases predictions toward the head classes
+(Proposition 3.1). LIFT+ keeps CLIP frozen and tunes < 1 % of its parameters for a few epochs:
 
-    frozen CLIP ViT  +  AdaptFormer in every block          [paper: lightweight fine-tuning]
-                     +  cosine classifier from text prompts  [paper: semantic-aware initialization]
-                     +  logit-adjusted cross-entropy         [paper: Proposition 3.1 and its remark]
-                     +  minimalist data augmentation (MDA)   [paper: minimalist data augmentation]
-                     +  test-time ensembling of five crops   [paper: test-time ensembling]
+    frozen CLIP ViT + AdaptFormer in every block              [paper: lightweight fine-tuning]
+                    + cosine classifier from text prompts     [paper: semantic-aware initialization]
+                    + logit-adjusted cross-entropy            [paper: Proposition 3.1 and its remark]
+                    + minimalist data augmentation (MDA)      [paper: minimalist data augmentation]
+                    + test-time ensembling of five crops      [paper: test-time ensembling]
 
-The comments name the paper's component ("[paper: ...]") that each function or class implements.
-
-The file reads top to bottom in the order the algorithm runs:
-  1. Config            one dataclass, one line of doc per field, parsed from the command line
-  2. Data              split lists, CIFAR-100-LT, image folders; Many / Medium / Few groups
-  3. Transforms        MDA for training, TTE (or resize + centre crop) for testing
-  4. Model             CLIP loading, AdaptFormer, cosine classifier, semantic init
-  5. Tuning methods    which parameters train (LIFT+ and the paper's baselines)
-  6. Loss              logit-adjusted cross-entropy
-  7. Training          SGD + cosine schedule, mixed precision, atomic checkpoints, resume
-  8. Evaluation        Overall / Many / Medium / Few accuracy, results.json
-  9. Offline world     named toy images, a tiny CLIP pretrained on them, a long-tailed task (CPU quick start)
- 10. Main              the command-line entry point
+Part I is the method alone, in the order it runs:
+    1 Config  2 Data  3 Transforms  4 Model  5 Loss  6 Training  7 Evaluation  8 Main
+The appendices plug into Part I at lines marked "# Appendix X":
+    A  the paper's baselines: other tuning methods, classifier inits, the results table
+    B  weights and split lists offline: downloads, OpenAI's TorchScript file
+    C  the offline world: a tiny CLIP and a long-tailed task that run on a laptop CPU
+    D  speed: the same values, computed faster
+    E  reliability: every input checked, checkpoints and exact resume, the run's files
 
 Quick start (CPU, no network):  python lift_plus.py --data shapes_lt
 Paper setting (GPU, internet):  python lift_plus.py --data imagenet_lt --root /data/imagenet
@@ -41,10 +35,8 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -56,193 +48,102 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ==========================================================================================
-# 1. Config
+# PART I. LIFT+, in the order it runs
 # ==========================================================================================
+# 1. Config: the paper's hyper-parameters first, then the settings of a run
 
 
-def arg(default, help):
-    """A config field with its one-line doc, which is also its --help text."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help, **check):
+    """A config field with its one-line doc (also its --help text); check: choices, or a range (see check_value)."""
+    return field(default=default, metadata={"help": help, **check})
 
 
 @dataclass
 class Config:
-    # data
-    data: str = arg("imagenet_lt", "imagenet_lt | places_lt | inat2018 | cifar100_ir100 | cifar100_ir50 | cifar100_ir10 | shapes_lt | a folder with train/<class>/* and test/<class>/*")
+    # the method [paper: the LIFT+ framework]; None: derived in finalize_config
+    tuning: str = arg("adaptformer", "what trains: LIFT+'s AdaptFormer, or a baseline of Appendix A", choices=(
+        "adaptformer", "classifier", "full", "partial", "bitfit", "vpt", "adapter", "lora", "mask", "zeroshot"))
+    adapter_dim: Optional[int] = arg(None, "AdaptFormer / Adapter bottleneck r (default 2**max(0, floor(log2(K / 2L))))", low=1)
+    init: str = arg("semantic", "classifier init: text prompts, or a baseline of Appendix A", choices=("semantic", "class_mean", "linear_probe", "none"))
+    prompt: str = arg("a photo of a {}.", "prompt template of the semantic init and zero-shot; {} is the class name")
+    logit_scale: float = arg(25.0, "cosine classifier scale s: logit_j = s * cos(f, w_j)", low=0, open_low=True)
+    loss: str = arg("la", "la (logit-adjusted cross-entropy) | ce", choices=("la", "ce"))
+    tau: float = arg(1.0, "logit-adjustment strength tau", low=0)
+    epochs: Optional[int] = arg(None, "training epochs (default 5; 15 for inat2018)", low=1)
+    batch_size: int = arg(128, "images per optimiser step", low=1)
+    lr: Optional[float] = arg(None, "SGD learning rate (default 0.02; classifier 0.03; full, partial 0.001 (places_lt 0.002))", low=0, open_low=True)
+    momentum: float = arg(0.9, "SGD momentum", low=0, high=1, open_high=True)
+    weight_decay: float = arg(5e-4, "SGD weight decay on every tuned parameter", low=0)
+    mda: str = arg("convex", "MDA schedule of the smallest crop area", choices=("convex", "linear", "concave", "min", "max"))
+    min_scale: float = arg(0.08, "smallest crop area fraction of MDA (at the first epoch)", low=0, high=1, open_low=True)
+    tte: bool = arg(True, "test-time ensembling: resize to S + expand, average the logits of five S crops")
+    expand: Optional[int] = arg(None, "TTE resize: shorter side to image size S + expand (default round(24 S / 224): 248 for 224)", low=0)
+    model: str = arg("ViT-B-16", "open_clip ViT name (ViT-B/16 spelling accepted) or an open_clip model-config JSON")
+    pretrained: str = arg("openai", "open_clip pretrained tag, a local weights file, or 'none' for random weights")
+    quick_gelu: str = arg("auto", "QuickGELU activation (OpenAI's CLIP uses it; auto follows the weights)", choices=("auto", "yes", "no"))
+    # sizes of the baselines (Appendix A); each is refused for a method without that part
+    blocks: Optional[str] = arg(None, "vision blocks the method acts on, e.g. '0-11' or '8,9,10,11' (default: all)")
+    partial_blocks: Optional[int] = arg(None, "partial: number of last vision blocks to tune (default 1)", low=0)
+    lora_rank: Optional[int] = arg(None, "lora: rank on q and v (default 2**max(0, floor(log2(K / 4L))))", low=1)
+    vpt_len: Optional[int] = arg(None, "vpt: deep prompt length per block (default 2**max(0, floor(log2(K / L))))", low=1)
+    mask_ratio: Optional[float] = arg(None, "mask: fraction of entries tuned per block weight (default 0.005)", low=0, high=1, open_low=True)
+    # the run
+    data: str = arg("imagenet_lt", "imagenet_lt | places_lt | inat2018 | cifar100_ir{100,50,10} | shapes_lt | a folder with train/<class>/ and test/<class>/")
     root: str = arg("./data", "dataset root: image paths in the split lists are relative to it; CIFAR-100 is downloaded here")
-    splits: Optional[str] = arg(None, "folder holding the split lists (default: look in --root, then in the cache, then download)")
-    cache: str = arg("~/.cache/lift_plus", "where downloaded split lists and the offline world's pretrained model are kept")
-    # model
-    model: str = arg("ViT-B-16", "open_clip ViT name (ViT-B/16 spelling accepted) or a path to an open_clip model-config JSON")
-    pretrained: str = arg("openai", "open_clip pretrained tag, a local checkpoint file, or 'none' for random weights")
-    quick_gelu: str = arg("auto", "auto | yes | no: QuickGELU activation (OpenAI's CLIP uses it; auto follows the pretrained tag)")
-    # method
-    tuning: str = arg("adaptformer", "adaptformer | classifier | full | partial | bitfit | vpt | adapter | lora | mask | zeroshot")
-    adapter_dim: Optional[int] = arg(None, "bottleneck r of AdaptFormer / Adapter (default 2**max(0, floor(log2(K / 2L))))")
-    blocks: Optional[str] = arg(None, "vision blocks the method acts on, e.g. '0-11' or '8,9,10,11' (default: all; partial: the last --partial-blocks)")
-    partial_blocks: int = arg(1, "partial fine-tuning: number of last vision blocks to tune")
-    lora_rank: Optional[int] = arg(None, "LoRA rank on q and v (default 2**max(0, floor(log2(K / 4L))))")
-    vpt_len: Optional[int] = arg(None, "VPT-deep prompt length per block (default 2**max(0, floor(log2(K / L))))")
-    mask_ratio: float = arg(0.005, "random-mask fine-tuning: fraction of entries tuned in each block weight tensor")
-    init: str = arg("semantic", "classifier init: semantic | class_mean | linear_probe | none")
-    prompt: str = arg("a photo of a {}.", "prompt template for the semantic classifier init and zero-shot")
-    logit_scale: float = arg(25.0, "cosine classifier scale s: logit_j = s * cos(f, w_j)")
-    # loss
-    loss: str = arg("la", "la (logit-adjusted cross-entropy) | ce")
-    tau: float = arg(1.0, "logit-adjustment strength tau")
-    # optimisation
-    epochs: Optional[int] = arg(None, "training epochs (default 5; 15 for inat2018)")
-    batch_size: int = arg(128, "images per optimiser step")
-    accum_steps: int = arg(1, "micro-batches per optimiser step (gradient accumulation); must divide --batch-size")
-    lr: Optional[float] = arg(None, "SGD learning rate (default 0.02; classifier 0.03; full / partial 0.001, 0.002 on places_lt)")
-    momentum: float = arg(0.9, "SGD momentum")
-    weight_decay: float = arg(5e-4, "SGD weight decay on every tuned parameter")
-    # augmentation and test-time ensembling
-    mda: str = arg("convex", "MDA schedule of the minimum crop area: convex | linear | concave | min | max")
-    min_scale: float = arg(0.08, "smallest crop area fraction of MDA (at the first epoch)")
-    tte: bool = arg(True, "test-time ensembling: resize to size+expand, average the logits of five crops")
-    expand: Optional[int] = arg(None, "TTE resize: shorter side to image size S + expand (default round(24 S / 224): 248 for 224)")
-    # run
+    splits: Optional[str] = arg(None, "folder holding the split lists (default: --root, then the cache, then download)")
+    cache: str = arg(os.environ.get("LIFT_PLUS_CACHE", "~/.cache/lift_plus"), "split lists and the world's CLIP (env LIFT_PLUS_CACHE)")
     out: str = arg("runs", "parent folder of run folders")
     run_name: Optional[str] = arg(None, "run folder name (default <data>_<tuning>_seed<seed>)")
     resume: bool = arg(False, "continue the run in the run folder from its last checkpoint")
-    eval_only: bool = arg(False, "no training: evaluate --checkpoint (or the untrained model for zeroshot)")
+    eval_only: bool = arg(False, "no training: evaluate --checkpoint (or the untrained model of --tuning zeroshot)")
     checkpoint: Optional[str] = arg(None, "checkpoint file to evaluate with --eval-only")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    amp: str = arg("auto", "auto (bf16 on GPUs that support it, else fp16) | bf16 | fp16 | off; always off on CPU")
-    workers: Optional[int] = arg(None, "DataLoader worker processes (default min(8, CPUs))")
-    eval_batch_size: int = arg(128, "images per evaluation batch (TTE runs five crops per image)")
-    cache_features: bool = arg(False, "--tuning classifier only: compute the frozen features of fixed views (shorter side to S, centre crop; no MDA) once and train the classifier on them")
-    seed: int = arg(0, "seed of the model init, the data order and the crops")
-    log_every: int = arg(50, "print a progress line every this many optimiser steps")
-
-
-TUNINGS = ("adaptformer", "classifier", "full", "partial", "bitfit", "vpt", "adapter", "lora", "mask", "zeroshot")
-INITS = ("semantic", "class_mean", "linear_probe", "none")
-MDA_SCHEDULES = ("convex", "linear", "concave", "min", "max")
-
-
-class LiftError(Exception):
-    """Bad input: the message names the flag or file and what was expected."""
-
-
-def parse_config(argv=None) -> Config:
-    """Build the argparse parser from Config's fields; flags are the field names with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        doc = f.metadata["help"]
-        doc += "" if f.default is None or "default" in doc else f" (default: {f.default})"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=doc)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    return finalize_config(cfg)
+    amp: str = arg("auto", "mixed precision on GPUs (auto: bf16 where supported, else fp16)", choices=("auto", "bf16", "fp16", "off"))
+    accum_steps: int = arg(1, "micro-batches per optimiser step (gradient accumulation); must divide --batch-size", low=1)
+    eval_batch_size: int = arg(128, "images per evaluation batch (TTE runs five crops of each)", low=1)
+    workers: Optional[int] = arg(None, "DataLoader worker processes (default min(8, CPUs))", low=0)
+    fast: bool = arg(True, "Appendix D: class-token-only last block and a leaner QuickGELU (same values)")
+    cache_features: bool = arg(False, "Appendix D, --tuning classifier: frozen features of centre views computed once (no MDA)")
+    seed: int = arg(0, "seed of the model init, the data order and the crops", low=0, high=2 ** 31 - 1)
+    log_every: int = arg(50, "print a progress line every this many optimiser steps", low=1)
 
 
 def finalize_config(cfg: Config) -> Config:
-    """Check every flag and fill the defaults that depend on other flags."""
-    if cfg.tuning not in TUNINGS:
-        raise LiftError(f"--tuning: expected one of {', '.join(TUNINGS)}, got '{cfg.tuning}'")
-    if cfg.init not in INITS:
-        raise LiftError(f"--init: expected one of {', '.join(INITS)}, got '{cfg.init}'")
-    if cfg.loss not in ("la", "ce"):
-        raise LiftError(f"--loss: expected 'la' or 'ce', got '{cfg.loss}'")
-    if cfg.mda not in MDA_SCHEDULES:
-        raise LiftError(f"--mda: expected one of {', '.join(MDA_SCHEDULES)}, got '{cfg.mda}'")
-    if cfg.quick_gelu not in ("auto", "yes", "no"):
-        raise LiftError(f"--quick-gelu: expected auto, yes or no, got '{cfg.quick_gelu}'")
-    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
-        raise LiftError(f"--amp: expected auto, bf16, fp16 or off, got '{cfg.amp}'")
-    if cfg.epochs is None:
-        cfg.epochs = 15 if cfg.data == "inat2018" else 5
-    if cfg.epochs < 1:
-        raise LiftError(f"--epochs: expected an integer >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1 or cfg.accum_steps < 1:
-        raise LiftError(f"--batch-size and --accum-steps must be >= 1, got {cfg.batch_size} and {cfg.accum_steps}")
-    if cfg.batch_size % cfg.accum_steps:
-        raise LiftError(f"--batch-size {cfg.batch_size} is not divisible by --accum-steps {cfg.accum_steps}")
-    if not 0.0 < cfg.min_scale <= 1.0:
-        raise LiftError(f"--min-scale: expected a fraction in (0, 1], got {cfg.min_scale}")
-    if not 0.0 < cfg.mask_ratio <= 1.0:
-        raise LiftError(f"--mask-ratio: expected a fraction in (0, 1], got {cfg.mask_ratio}")
-    if cfg.lr is None:
-        cfg.lr = {"classifier": 0.03, "full": 0.001, "partial": 0.001}.get(cfg.tuning, 0.02)
-        if cfg.tuning in ("full", "partial") and cfg.data == "places_lt":
-            cfg.lr = 0.002
-    if cfg.cache_features and cfg.tuning != "classifier":
-        raise LiftError(f"--cache-features needs --tuning classifier (the backbone must be frozen), got --tuning {cfg.tuning}")
-    if cfg.eval_only and cfg.checkpoint is None and cfg.tuning != "zeroshot":
-        raise LiftError("--eval-only needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
-    if cfg.workers is None:
-        cfg.workers = min(8, os.cpu_count() or 1)
-    if cfg.run_name is None:
-        cfg.run_name = f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{cfg.tuning}_seed{cfg.seed}"
-    return cfg
+    """Check every flag, then derive every default that depends on others. The one writer of a Config:
+    nothing changes it afterwards, and results.json records it as it is here."""
+    t = cfg.tuning
+    check_flags(cfg)                                                # Appendix E: every value and combination
+    if cfg.data == "shapes_lt":
+        cfg = dataclasses.replace(cfg, **world_clip_files(cfg))     # Appendix C: the world brings its own CLIP
+    full_lr = 0.002 if cfg.data == "places_lt" else 0.001
+    derived = dict(epochs=15 if cfg.data == "inat2018" else 5,
+                   lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
+                   partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
+                   expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
+                   workers=min(8, os.cpu_count() or 1),
+                   run_name=f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
+    return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
 
 
 # ==========================================================================================
-# 2. Data: split lists, CIFAR-100-LT, image folders; Many / Medium / Few groups [paper: experiments]
-# ==========================================================================================
-
-# Split lists of the standard benchmarks ("relative/path label" per line, OLTR's format).
-# For each dataset: the file names we accept for train and test, in order of preference,
-# and where the published lists are fetched from when they are missing and we are online.
-SPLIT_LISTS = {
-    "imagenet_lt": dict(train=("ImageNet_LT_train.txt", "train.txt"), test=("ImageNet_LT_test.txt", "test.txt"),
-                        subdir="ImageNet_LT"),
-    "places_lt": dict(train=("Places_LT_train.txt", "train.txt"), test=("Places_LT_test.txt", "test.txt"),
-                      subdir="Places_LT", extra=("classnames.txt",)),
-    "inat2018": dict(train=("iNaturalist18_train.txt", "train.txt"), test=("iNaturalist18_val.txt", "val.txt"),
-                     subdir="iNaturalist2018", extra=("categories.json",)),
-}
-SPLIT_URL = "https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{name}"
-CIFAR_RATIOS = {"cifar100_ir100": 100, "cifar100_ir50": 50, "cifar100_ir10": 10}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+# 2. Data: the long-tailed benchmarks [paper: experiments]
 
 
 @dataclass
 class LTData:
-    """A long-tailed task: training and test sets, class names, and per-class training counts."""
+    """A long-tailed task: training and test sets, class names, per-class training counts."""
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
     classnames: list
-    train_counts: np.ndarray  # [K] images per class in the training set
+    train_counts: np.ndarray                                        # [K] training images per class
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
 
 
-class ImageListDataset(torch.utils.data.Dataset):
-    """Images named by path, read lazily: building it never touches the files.
-
-    load(i) returns the decoded image as a uint8 tensor [3, H, W]; JPEGs are decoded by
-    libjpeg-turbo through torchvision (same pixels as PIL, about 1.5x faster), other formats by PIL."""
-
-    def __init__(self, paths, labels):
-        self.paths, self.labels = list(paths), list(labels)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def load(self, i) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        path = self.paths[i]
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            if raw[:2] == b"\xff\xd8":  # JPEG
-                try:
-                    return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                except RuntimeError:
-                    pass  # an unusual JPEG (e.g. CMYK): let PIL try
-            with Image.open(io.BytesIO(raw)) as img:
-                return pil_to_tensor(img.convert("RGB"))
-        except (OSError, ValueError) as e:  # missing, truncated or not an image
-            raise LiftError(f"cannot read image {path}: {e}") from None
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """Images held in memory as a uint8 array [N, H, W, 3] (CIFAR, the offline world)."""
+class ImageSet(torch.utils.data.Dataset):
+    """Labelled images: file paths read lazily, or a uint8 array [N, H, W, 3] in memory (CIFAR, the offline world)."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, list(labels)
@@ -250,24 +151,30 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def load(self, i) -> torch.Tensor:
-        return torch.from_numpy(self.images[i]).permute(2, 0, 1)          # [3, H, W]
+    def load(self, i) -> torch.Tensor:                              # -> [3, H, W] uint8
+        if isinstance(self.images, np.ndarray):
+            return torch.from_numpy(self.images[i]).permute(2, 0, 1)
+        return read_image(self.images[i])
 
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+def read_image(path) -> torch.Tensor:
+    """Decode an image file to RGB uint8 [3, H, W], naming the file if it cannot."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        img = decode_jpeg_fast(raw)                                 # Appendix D: libjpeg-turbo for JPEGs, else None
+        return img if img is not None else torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise LiftError(f"cannot read image {path}: {e}") from None
 
 
 def read_split_list(path, root, num_classes=None):
-    """Parse a "relative/path label" split list; every bad line is reported with file:line."""
+    """Parse a "relative/path label" split list; a bad line is reported as file:line."""
     paths, labels = [], []
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
+        for lineno, parts in ((i, line.split()) for i, line in enumerate(f, 1) if line.strip()):
             if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-                raise LiftError(f"{path}:{lineno}: expected '<relative/image/path> <integer label>', got '{line.strip()}'")
+                raise LiftError(f"{path}:{lineno}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'")
             label = int(parts[1])
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise LiftError(f"{path}:{lineno}: label {label} is outside the class range 0..{num_classes - 1}")
@@ -278,101 +185,50 @@ def read_split_list(path, root, num_classes=None):
     return paths, labels
 
 
-def find_split_files(cfg: Config) -> dict:
-    """Locate the split lists of a benchmark: --splits, then --root, then the cache, then download."""
-    spec = SPLIT_LISTS[cfg.data]
-    wanted = {"train": spec["train"], "test": spec["test"], **{n: (n,) for n in spec.get("extra", ())}}
-    cache = Path(cfg.cache).expanduser() / "splits" / spec["subdir"]
-    folders = [Path(cfg.splits)] if cfg.splits else [Path(cfg.root), Path(cfg.root) / spec["subdir"], cache]
-    if cfg.splits and not Path(cfg.splits).is_dir():
-        raise LiftError(f"--splits {cfg.splits}: no such folder")
-
-    def locate():
-        found = {}
-        for key, names in wanted.items():
-            found[key] = next((d / n for d in folders for n in names if (d / n).is_file()), None)
-        return found
-
-    found = locate()
-    missing = [k for k, p in found.items() if p is None]
-    if missing and not cfg.splits:
-        if online("raw.githubusercontent.com"):
-            cache.mkdir(parents=True, exist_ok=True)
-            for key in missing:
-                name = wanted[key][-1]  # the authors' file names: train.txt, test.txt, ...
-                url = SPLIT_URL.format(subdir=spec["subdir"], name=name)
-                print(f"downloading {url}")
-                try:
-                    atomic_write_bytes(cache / name, urllib.request.urlopen(url, timeout=60).read())
-                except OSError as e:
-                    raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
-            found = locate()
-            missing = [k for k, p in found.items() if p is None]
-    if missing:
-        names = ", ".join(" or ".join(wanted[k]) for k in missing)
-        where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
-        raise LiftError(
-            f"--data {cfg.data}: split files not found: {names}. Put them in {where}, or pass --splits DIR. "
-            f"They are published with the LIFT+ code (datasets/{spec['subdir']}/ in github.com/shijxcs/LIFT-plus) "
-            f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
-            f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them.")
-    return found
-
-
 def build_benchmark(cfg: Config) -> LTData:
     """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists [paper: datasets]."""
     if not Path(cfg.root).is_dir():
         raise LiftError(f"--root {cfg.root}: no such folder (expected the dataset's image root)")
-    files = find_split_files(cfg)
+    files = find_split_files(cfg)                                   # Appendix B: --splits, --root, cache or download
+    to_label = None
     if cfg.data == "imagenet_lt":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # CLIP's curated ImageNet names
         classnames = list(IMAGENET_CLASSNAMES)
-        to_label = None
     elif cfg.data == "places_lt":
         classnames = read_places_classnames(files["classnames.txt"])
-        to_label = None
-    else:  # inat2018: labels follow the sorted unique species names of categories.json
-        id_to_name = read_inat_categories(files["categories.json"])
-        classnames = sorted(set(id_to_name.values()))
-        index = {name: i for i, name in enumerate(classnames)}
-        to_label = {cid: index[name] for cid, name in id_to_name.items()}
-    num_ids = len(to_label) if to_label else len(classnames)
+    else:
+        classnames, to_label = read_inat_categories(files["categories.json"])
     splits = {}
     for split in ("train", "test"):
-        paths, labels = read_split_list(files[split], cfg.root, num_ids)
+        paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
         if to_label is not None:
             unknown = sorted(set(labels) - set(to_label))
             if unknown:
                 raise LiftError(f"{files[split]}: category ids {unknown[:5]} are not in {files['categories.json']}")
             labels = [to_label[y] for y in labels]
-        splits[split] = ImageListDataset(paths, labels)
+        splits[split] = ImageSet(paths, labels)
     counts = np.bincount(splits["train"].labels, minlength=len(classnames))
     return LTData(splits["train"], splits["test"], classnames, counts)
 
 
 def read_places_classnames(path) -> list:
-    """Places365 category names, one per line ('airfield', 'apartment_building-outdoor', ...).
-
-    The official categories_places365.txt format ('/a/airfield 0') is accepted as well."""
-    names = []
+    """Places365 names one per line ('airfield'); the official '/a/apartment_building/outdoor 0' form too."""
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                name = line.split()[0]
-                if name.startswith("/"):  # '/a/apartment_building/outdoor' -> 'apartment_building-outdoor'
-                    name = "-".join(name.split("/")[2:])
-                names.append(name)
-    return names
+        names = [line.split()[0] for line in f if line.strip()]
+    return ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
 
 
-def read_inat_categories(path) -> dict:
-    """Category id -> species name from iNaturalist 2018's categories.json."""
+def read_inat_categories(path, level: str = "name") -> tuple:
+    """iNaturalist 2018's categories.json -> (class names, {category id: label}). As the LIFT+ code, the
+    labels follow the sorted unique names: of species ('name') by default."""
     try:
         with open(path) as f:
-            entries = json.load(f)
-        return {int(e.get("id", i)): e["name"] for i, e in enumerate(entries)}
+            id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.load(f))}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LiftError(f"{path}: expected a JSON list of {{'id', 'name'}} entries ({e})") from None
+        raise LiftError(f"{path}: expected a JSON list of {{'id', '{level}'}} entries ({e})") from None
+    names = sorted(set(id_to_name.values()))
+    index = {name: i for i, name in enumerate(names)}
+    return names, {cid: index[name] for cid, name in id_to_name.items()}
 
 
 def cifar100_lt_counts(ratio, num_classes=100, max_count=500) -> list:
@@ -381,12 +237,9 @@ def cifar100_lt_counts(ratio, num_classes=100, max_count=500) -> list:
 
 
 def make_long_tailed(labels, counts, seed=0) -> np.ndarray:
-    """Indices of the long-tailed subset: per class, the first counts[c] after a numpy shuffle.
-
-    One global numpy RandomState(seed) shuffles the classes' index lists in class order, which
-    reproduces the commonly used CIFAR-100-LT split."""
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.RandomState(seed)
+    """Indices of the long-tailed subset: per class in class order, the first counts[c] after a shuffle by
+    one numpy RandomState(seed), which reproduces the commonly used CIFAR-100-LT split."""
+    labels, rng = np.asarray(labels, dtype=np.int64), np.random.RandomState(seed)
     keep = []
     for c, n in enumerate(counts):
         idx = np.where(labels == c)[0]
@@ -397,118 +250,43 @@ def make_long_tailed(labels, counts, seed=0) -> np.ndarray:
 
 def build_cifar100_lt(cfg: Config) -> LTData:
     """CIFAR-100-LT at imbalance ratio 100, 50 or 10; the test set is CIFAR-100's, unchanged."""
-    import torchvision
-    root = Path(cfg.root).expanduser()
-    online_now = online("www.cs.toronto.edu")
-    try:
-        train = torchvision.datasets.CIFAR100(str(root), train=True, download=online_now)
-        test = torchvision.datasets.CIFAR100(str(root), train=False, download=online_now)
-    except RuntimeError as e:
-        raise LiftError(f"--root {cfg.root}: CIFAR-100 not found ({e}). Put the extracted 'cifar-100-python' "
-                        f"folder there, or run once with internet to download it.") from None
-    counts = cifar100_lt_counts(CIFAR_RATIOS[cfg.data])
+    train, test = load_cifar100(cfg)                                # Appendix B: download, or a clear error
+    counts = cifar100_lt_counts(int(cfg.data.split("_ir")[1]))
     keep = make_long_tailed(train.targets, counts, seed=0)
-    train_set = ArrayDataset(train.data[keep], np.asarray(train.targets)[keep])
-    test_set = ArrayDataset(test.data, test.targets)
-    return LTData(train_set, test_set, list(train.classes), np.asarray(counts))
-
-
-def build_folder(cfg: Config) -> LTData:
-    """A user's own task: <data>/train/<class>/* and <data>/test/<class>/*; class = folder name."""
-    root = Path(cfg.data)
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise LiftError(f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
-                            f"{root / split} is missing")
-    classnames = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if not classnames:
-        raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
-    index = {c: i for i, c in enumerate(classnames)}
-    sets = {}
-    for split in ("train", "test"):
-        paths, labels = [], []
-        for d in sorted((root / split).iterdir()):
-            if not d.is_dir():
-                continue
-            if d.name not in index:
-                raise LiftError(f"{d}: class '{d.name}' has no training folder {root / 'train' / d.name}")
-            for p in sorted(d.iterdir()):
-                if p.suffix.lower() in IMAGE_EXTENSIONS:
-                    paths.append(str(p))
-                    labels.append(index[d.name])
-        if not paths:
-            raise LiftError(f"{root / split}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-        sets[split] = ImageListDataset(paths, labels)
-    counts = np.bincount(sets["train"].labels, minlength=len(classnames))
-    empty = [classnames[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(empty[:5])}")
-    return LTData(sets["train"], sets["test"], classnames, counts)
+    return LTData(ImageSet(train.data[keep], np.asarray(train.targets)[keep]), ImageSet(test.data, test.targets),
+                  list(train.classes), np.asarray(counts))
 
 
 def build_data(cfg: Config) -> LTData:
-    """Dispatch --data to the builder of that task."""
-    if cfg.data in SPLIT_LISTS:
+    """The task --data names."""
+    if cfg.data in ("imagenet_lt", "places_lt", "inat2018"):
         return build_benchmark(cfg)
-    if cfg.data in CIFAR_RATIOS:
+    if cfg.data in ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10"):
         return build_cifar100_lt(cfg)
-    if cfg.data in WORLDS:
-        return build_world_task(cfg)
-    if os.sep in cfg.data or Path(cfg.data).is_dir():
-        if not Path(cfg.data).is_dir():
-            raise LiftError(f"--data {cfg.data}: no such folder")
-        return build_folder(cfg)
-    known = ", ".join([*SPLIT_LISTS, *CIFAR_RATIOS, *WORLDS])
-    raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/")
-
-
-def class_groups(train_counts) -> dict:
-    """Many-shot (> 100 images), Medium-shot (20-100) and Few-shot (< 20) classes
-    [paper: evaluation protocol]."""
-    n = np.asarray(train_counts)
-    return {"many": np.flatnonzero(n > 100), "medium": np.flatnonzero((n >= 20) & (n <= 100)),
-            "few": np.flatnonzero(n < 20)}
-
-
-def summarize_data(data: LTData, name: str) -> str:
-    """The one-screen dataset summary printed at start."""
-    n, g = data.train_counts, class_groups(data.train_counts)
-    return "\n".join([
-        f"dataset {name}: {len(data.classnames)} classes, {len(data.train)} train / {len(data.test)} test images",
-        f"  per class: max {n.max()}, min {n.min()}, imbalance ratio {n.max() / max(n.min(), 1):.1f}",
-        f"  groups: many (>100) {len(g['many'])}, medium (20-100) {len(g['medium'])}, few (<20) {len(g['few'])} classes",
-    ])
+    if cfg.data == "shapes_lt":
+        return build_world_task(cfg)                                # Appendix C
+    return build_folder(cfg)                                        # Appendix E: your own image folders
 
 
 # ==========================================================================================
-# 3. Transforms: [paper: minimalist data augmentation] and [paper: test-time ensembling]
-# ==========================================================================================
-# Images stay uint8 tensors from decoding to the device: transforms crop by slicing and resize with
-# torch's antialiased bicubic filter, and return [V, 3, S, S] (V views per image); the model
-# normalises on its own device, so workers move 4x fewer bytes than with float tensors.
+# 3. Transforms: [paper: minimalist data augmentation] for training, [paper: test-time ensembling]
+#    Images stay uint8 up to the device (the model normalises them); a transform returns views [V, 3, S, S].
 
-MDA_FUNCTIONS = {  # g(t): how fast the smallest crop area rises from min_scale (t=0) to 1 (g=1)
-    "min": lambda t: 0.0,
-    "max": lambda t: 1.0,
-    "linear": lambda t: t,
-    "convex": lambda t: 1.0 - math.sqrt(1.0 - t * t),
-    "concave": lambda t: math.sqrt(1.0 - (1.0 - t) ** 2),
-}
+MDA_FUNCTIONS = {  # g(t): how fast the smallest crop area rises from min_scale (g = 0) to 1 (g = 1)
+    "min": lambda t: 0.0, "max": lambda t: 1.0, "linear": lambda t: t,
+    "convex": lambda t: 1.0 - math.sqrt(1.0 - t * t), "concave": lambda t: math.sqrt(1.0 - (1.0 - t) ** 2)}
 
 
 def mda_min_scale(epoch: int, epochs: int, schedule: str = "convex", min_scale: float = 0.08) -> float:
-    """Smallest crop area fraction at `epoch` (0-based): min_scale + g(t) (1 - min_scale), t = e/(E-1).
-
-    With a single epoch t is 0: that epoch is the first one, so it gets the first epoch's range."""
+    """Smallest crop area fraction at `epoch` (0-based): min_scale + g(t) (1 - min_scale), t = e / (E - 1).
+    A single epoch is the first epoch, so it gets the first epoch's range (t = 0)."""
     t = epoch / (epochs - 1) if epochs > 1 else 0.0
     return min_scale + MDA_FUNCTIONS[schedule](t) * (1.0 - min_scale)
 
 
 def mda_crop_box(height: int, width: int, min_scale: float, gen: torch.Generator):
-    """A random square crop (top, left, side) whose area fraction is uniform in [min_scale, 1].
-
-    Both ends are capped at the largest inscribed square, min(H, W)^2 / (H W), so the crop is
-    always a square inside the image; its position is uniform."""
+    """A random square (top, left, side) with area fraction uniform in [min_scale, 1], both ends capped
+    at the largest inscribed square min(H, W)^2 / (H W); its position is uniform."""
     area = height * width
     cap = min(height, width) ** 2 / area
     lo, hi = min(min_scale, cap), min(1.0, cap)
@@ -520,77 +298,44 @@ def mda_crop_box(height: int, width: int, min_scale: float, gen: torch.Generator
 
 
 def resize_bicubic(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bicubic resize of a uint8 image [3, H, W], PIL's filter (a = -0.5) in torch:
-    within one intensity level of PIL's BICUBIC and about 3x faster on a CPU core."""
-    img = img[None].contiguous(memory_format=torch.channels_last)           # the layout torch's uint8 kernel is fastest on
-    out = F.interpolate(img, size=(height, width), mode="bicubic", antialias=True)
-    return out[0]                                                           # [3, height, width] uint8 (same values)
+    """Antialiased bicubic resize of uint8 [3, H, W]: PIL's BICUBIC filter, within one intensity level."""
+    img = img[None].contiguous(memory_format=torch.channels_last)   # torch's uint8 kernel is fastest on this layout
+    return F.interpolate(img, size=(height, width), mode="bicubic", antialias=True)[0]  # [3, height, width] uint8
 
 
 def resize_shorter(img: torch.Tensor, size: int) -> torch.Tensor:
     """Shorter side to `size`, the longer one scaled as torchvision's Resize(size) does."""
     h, w = img.shape[-2:]
-    if h <= w:
-        return resize_bicubic(img, size, int(size * w / h))
-    return resize_bicubic(img, int(size * h / w), size)
-
-
-def centre_box(h: int, w: int, size: int):
-    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))     # torchvision's centre crop
+    return resize_bicubic(img, size, int(size * w / h)) if h <= w else resize_bicubic(img, int(size * h / w), size)
 
 
 class MDATransform:
-    """Minimalist data augmentation: one square random crop resized to S (bicubic); no flip, no colour.
-
-    The crop of image i at epoch e is drawn from a generator seeded by (seed, e, i), so a run's
-    crops do not depend on worker processes and an interrupted run resumes bit-exactly."""
+    """[paper: minimalist data augmentation] One square random crop resized to S; no flip, no colour. Image i's
+    crop at epoch e is seeded by (seed, e, i): the same for any number of workers or processes, and on resume."""
 
     def __init__(self, size: int, epochs: int, schedule: str, min_scale: float, seed: int):
-        self.size, self.epochs, self.schedule, self.min_scale, self.seed = size, epochs, schedule, min_scale, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self.size, self.epochs, self.schedule, self.min_scale, self.seed, self.epoch = size, epochs, schedule, min_scale, seed, 0
 
     def __call__(self, img: torch.Tensor, index: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index)
         s_min = mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale)
         top, left, side = mda_crop_box(img.shape[1], img.shape[2], s_min, gen)
-        crop = img[:, top:top + side, left:left + side]                     # [3, side, side]
-        return resize_bicubic(crop, self.size, self.size)[None]              # [1, 3, S, S]
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+        return resize_bicubic(img[:, top:top + side, left:left + side], self.size, self.size)[None]  # [1, 3, S, S]
 
 
 class EvalTransform:
-    """Test views. TTE: shorter side to S + expand, then the four corner and the centre S crops
-    (torchvision's FiveCrop order). Without TTE: shorter side to S + S // 7 (256 for 224), centre crop."""
+    """Shorter side to `resize`, then the centre S crop; with five_crops [paper: test-time ensembling] the four
+    corner crops and the centre one (torchvision's FiveCrop order), whose logits are averaged."""
 
-    def __init__(self, size: int, tte: bool, expand: int):
-        self.size, self.tte, self.expand = size, tte, expand
+    def __init__(self, size: int, resize: int, five_crops: bool):
+        self.size, self.resize, self.five_crops = size, resize, five_crops
 
     def __call__(self, img: torch.Tensor, index: int = 0) -> torch.Tensor:
-        S = self.size
-        img = resize_shorter(img, S + (self.expand if self.tte else S // 7))  # [3, H', W']
+        S, img = self.size, resize_shorter(img, self.resize)        # [3, H', W']
         h, w = img.shape[1:]
-        t, l = centre_box(h, w, S)
-        boxes = [(0, 0), (0, w - S), (h - S, 0), (h - S, w - S), (t, l)] if self.tte else [(t, l)]
-        return torch.stack([img[:, y:y + S, x:x + S] for y, x in boxes])     # [V, 3, S, S]
-
-
-class InitTransform:
-    """Features for the class-mean and linear-probing inits: shorter side to S, centre crop."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, img: torch.Tensor, index: int = 0) -> torch.Tensor:
-        S = self.size
-        img = resize_shorter(img, S)
-        t, l = centre_box(img.shape[1], img.shape[2], S)
-        return img[None, :, t:t + S, l:l + S]                               # [1, 3, S, S]
+        centre = (int(round((h - S) / 2.0)), int(round((w - S) / 2.0)))  # torchvision's centre crop
+        boxes = [(0, 0), (0, w - S), (h - S, 0), (h - S, w - S), centre] if self.five_crops else [centre]
+        return torch.stack([img[:, y:y + S, x:x + S] for y, x in boxes])  # [5 or 1, 3, S, S]
 
 
 class Views(torch.utils.data.Dataset):
@@ -609,334 +354,522 @@ class Views(torch.utils.data.Dataset):
 
 
 # ==========================================================================================
-# 4. Model: frozen CLIP ViT, AdaptFormer [paper: lightweight fine-tuning], cosine classifier
-#    [paper: semantic-aware initialization]
-# ==========================================================================================
+# 4. Model: AdaptFormer in a frozen CLIP ViT [paper: lightweight fine-tuning], and a cosine
+#    classifier initialised from text prompts [paper: semantic-aware initialization]
 
 
-def online(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Can this machine open a connection to host? (A fast check instead of minutes of retries.)"""
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+class AdaptFormer(nn.Module):
+    """LIFT+'s lightweight module [paper: lightweight fine-tuning]: a bottleneck beside the MLP of a block,
+    reading the residual stream h after attention, with a learnable scale s (init 1):
+        h = x + Attn(LN1(x));   out = h + MLP(LN2(h)) + s * Up(ReLU(Down(LN_a(h))))
+    Up is zero-initialised, so training starts exactly at CLIP."""
+
+    def __init__(self, dim: int, r: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)                                 # LN_a, the adapter's own LayerNorm
+        self.down = nn.Linear(dim, r)                               # D -> r, kaiming-uniform weight (nn.Linear's)
+        self.up = nn.Linear(r, dim)                                 # r -> D
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = nn.Parameter(torch.ones(()))                   # s
+
+    def forward(self, h):                                           # [B, N, D] -> [B, N, D]
+        return self.scale * self.up(F.relu(self.down(self.ln(h))))
 
 
-def open_clip_name(model: str) -> str:
-    """open_clip's name for --model: 'ViT-B/16' -> 'ViT-B-16'; a JSON config file is registered first."""
-    import open_clip
-    if model.endswith(".json"):
-        if not Path(model).is_file():
-            raise LiftError(f"--model {model}: no such model-config file")
-        open_clip.add_model_config(model)
-        return Path(model).stem
-    name = model.replace("/", "-")
-    if ":" not in name and name not in open_clip.list_models():
-        vits = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT-B") or m.startswith("ViT-L"))
-        raise LiftError(f"--model {model}: unknown open_clip model; CLIP ViTs include {vits}")
-    return name
+class LiftViT(nn.Module):
+    """CLIP's image tower run block by block with open_clip's own attention and MLP, plus AdaptFormer.
+    Returns the class token after the final LayerNorm, BEFORE CLIP's image projection."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        self.adaptformer = nn.ModuleDict()                          # block index -> AdaptFormer (LIFT+)
+        self.prompts = nn.ParameterDict()                           # block index -> [P, D] prompts (VPT, Appendix A)
+        self.fast = False                                           # Appendix D
+        self.width = visual.class_embedding.shape[0]                # D
+
+    def forward(self, x):                                           # x: [B, 3, S, S], normalised
+        v, blocks = self.visual, self.visual.transformer.resblocks
+        x = v.conv1(x).flatten(2).transpose(1, 2)                   # [B, N-1, D] patch tokens
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))  # [B, N, D]
+        for i, blk in enumerate(blocks):
+            x = insert_prompts(self, i, x)                          # Appendix A: VPT's prompts; nothing for LIFT+
+            if self.fast and i == len(blocks) - 1:
+                x = class_token_block(self, i, blk, x)              # Appendix D: [B, 1, D], the same class token
+            else:
+                x = self.block(i, blk, x)                           # [B, N, D]
+        return v.ln_post(x[:, 0])                                   # [B, D]
+
+    def block(self, i: int, blk, x):
+        h = x + blk.ls_1(blk.attention(blk.ln_1(x)))               # h = x + Attn(LN1(x))
+        return h + self.mlp_branch(i, blk, h)
+
+    def mlp_branch(self, i: int, blk, h):
+        m = blk.ls_2(blk.mlp(blk.ln_2(h)))                          # MLP(LN2(h))
+        if str(i) in self.adaptformer:
+            m = m + self.adaptformer[str(i)](h)                     # + s * Up(ReLU(Down(LN_a(h))))
+        return m
 
 
-def is_openai_release(path: str) -> bool:
-    """OpenAI ships its CLIP weights as TorchScript archives (ViT-B-16.pt)."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+class CosineClassifier(nn.Module):
+    """logit_j = s * <f / |f|, w_j / |w_j|>, no bias, s = 25 [paper: semantic-aware initialization]."""
+
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone().float())         # [K, D]
+        self.scale = scale
+
+    def forward(self, f):                                           # f: [B, D]
+        return self.scale * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).t()  # [B, K]
+
+
+class LiftModel(nn.Module):
+    """uint8 images -> CLIP's normalisation -> LiftViT feature -> cosine classifier.
+    Zero-shot CLIP (Appendix A) classifies the projected feature with the text features instead."""
+
+    def __init__(self, visual, mean, std, num_classes: int, scale: float, zeroshot: bool = False):
+        super().__init__()
+        self.encoder = LiftViT(visual)
+        self.encoder_params = sum(p.numel() for p in visual.parameters())  # CLIP's own, before any method attaches
+        self.image_size = int(np.atleast_1d(visual.image_size)[0])  # S
+        self.zeroshot = zeroshot
+        self.head = CosineClassifier(torch.zeros(num_classes, visual.output_dim if zeroshot else self.encoder.width), scale)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.sizes, self.train_loss = {}, []                        # set by configure_tuning and fit
+
+    def features(self, images):                                     # images: [B, 3, S, S] uint8
+        f = self.encoder((images.float() - self.mean) / self.std)   # [B, D]
+        return f @ self.encoder.visual.proj if self.zeroshot else f
+
+    def forward(self, images):
+        return self.head(self.features(images))                     # [B, K]
+
+
+@torch.no_grad()
+def text_features(clip, tokenizer, classnames, template: str, device) -> torch.Tensor:
+    """normalize(text_projection(text_encoder("a photo of a {name}."))) per class: [K, E]."""
+    prompts = [template.format(c.replace("_", " ")) for c in classnames]
+    return torch.cat([clip.encode_text(tokenizer(prompts[i:i + 1000]).to(device), normalize=True).float()
+                      for i in range(0, len(prompts), 1000)])
+
+
+def semantic_init(text_feats: torch.Tensor, image_proj: torch.Tensor) -> torch.Tensor:
+    """[paper: semantic-aware initialization] w_j = normalize(t_j @ P^T): then <f, w_j> is proportional to
+    CLIP's image-text score <f P, t_j>, and training starts from zero-shot CLIP's predictions."""
+    return F.normalize(text_feats @ image_proj.t().float(), dim=-1)  # [K, E] @ [E, D] -> [K, D]
 
 
 def resolve_clip(cfg: Config):
-    """(open_clip name, tag or file or None, QuickGELU?, the tag's config) for --model / --pretrained.
-
-    Fidelity: OpenAI's CLIP uses QuickGELU, x * sigmoid(1.702 x). open_clip's plain 'ViT-B-16' config
-    uses exact GELU and only warns when given OpenAI's weights, which silently changes the function.
-    The activation therefore follows the pretrained tag, or OpenAI's own file when one is passed."""
-    import open_clip
+    """(open_clip name, tag or file or None, QuickGELU?, the tag's config) for --model / --pretrained. Fidelity:
+    OpenAI's CLIP uses QuickGELU, x * sigmoid(1.702 x); open_clip's plain 'ViT-B-16' config uses exact GELU and
+    only warns when given OpenAI's weights, so the activation follows the tag, or OpenAI's own file."""
     from open_clip.pretrained import get_pretrained_cfg
     name = open_clip_name(cfg.model)
     pretrained = None if cfg.pretrained.lower() == "none" else cfg.pretrained
     tag_cfg = (get_pretrained_cfg(name, pretrained) or {}) if pretrained and ":" not in name else {}
     if pretrained and not tag_cfg:
-        pretrained = str(Path(pretrained).expanduser())
-        if not Path(pretrained).is_file():
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
-            raise LiftError(f"--pretrained {cfg.pretrained}: neither a pretrained tag of {name} ({tags}) nor a checkpoint file")
+        pretrained = weights_file(cfg, name)                        # Appendix B: an existing file, or a clear error
     if cfg.quick_gelu != "auto":
         quick_gelu = cfg.quick_gelu == "yes"
-    elif tag_cfg:
-        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    else:  # OpenAI's TorchScript file or a file named for OpenAI's weights; else the config's own choice
-        quick_gelu = bool(pretrained and (is_openai_release(pretrained) or "openai" in pretrained.lower()))
+    else:  # the tag's choice; for a file: OpenAI's TorchScript file, or a file named for OpenAI's weights
+        quick_gelu = bool(tag_cfg.get("quick_gelu")) if tag_cfg else bool(pretrained and (is_openai_release(pretrained) or "openai" in pretrained.lower()))
     return name, pretrained, quick_gelu, tag_cfg
 
 
 def load_clip(cfg: Config):
-    """Build the CLIP model of --model with the weights of --pretrained; returns (clip, mean, std)."""
-    import logging
+    """CLIP of --model with the weights of --pretrained: (clip, image mean, image std)."""
     import open_clip
     name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
-    import huggingface_hub.constants as hf_constants
-    hub_offline = hf_constants.HF_HUB_OFFLINE
-    if tag_cfg and not online("huggingface.co"):
-        hf_constants.HF_HUB_OFFLINE = True  # use the local cache only: fail in seconds, not after a minute of retries
-    logging.disable(logging.ERROR)  # open_clip logs the same failure we report below
-    try:
+    with weights_errors(cfg, name, tag_cfg):                        # Appendix B: offline, fail fast and say what to do
         if pretrained and not tag_cfg and is_openai_release(pretrained):
-            clip = load_openai_release(name, pretrained, quick_gelu)
+            clip = load_openai_release(name, pretrained, quick_gelu)  # Appendix B: OpenAI's TorchScript file
         else:
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
                                           cache_dir=os.environ.get("LIFT_CLIP_CACHE"))
-    except Exception as e:
-        if tag_cfg:
-            hub = tag_cfg.get("hf_hub", "").rstrip("/")
-            raise LiftError(
-                f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({str(e).splitlines()[0][:200]}). "
-                f"Offline, download them elsewhere (https://huggingface.co/{hub}, or {tag_cfg.get('url') or 'the tag URL'}) "
-                f"and pass the file: --pretrained /path/to/file" + (" (OpenAI weights: QuickGELU is detected for "
-                f"OpenAI's .pt file; for a converted state dict add --quick-gelu yes)" if tag_cfg.get("quick_gelu") else "")
-            ) from None
-        raise LiftError(f"--pretrained {cfg.pretrained}: cannot load it into {name}: {str(e).splitlines()[0][:300]}") from None
-    finally:
-        logging.disable(logging.NOTSET)
-        hf_constants.HF_HUB_OFFLINE = hub_offline
-    mean, std = clip_mean_std(clip.visual, tag_cfg)
-    act = type(clip.visual.transformer.resblocks[0].mlp[1]).__name__ if hasattr(clip.visual, "transformer") else "?"
+    pcfg = {**clip.visual.preprocess_cfg, **{k: v for k, v in tag_cfg.items() if k in ("mean", "std")}}  # CLIP's mean, std
+    act = type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__ if hasattr(clip.visual, "transformer") else "?"
     print(f"model {name}, weights {pretrained or 'random'}, activation {act}")
-    return clip.eval(), mean, std
+    return clip.eval(), tuple(pcfg["mean"]), tuple(pcfg["std"])
 
 
-def clip_mean_std(visual, tag_cfg=None) -> tuple:
-    """CLIP's input normalisation: the pretrained tag's mean / std, else the model config's, else OpenAI's."""
-    pcfg = {**getattr(visual, "preprocess_cfg", {}), **{k: v for k, v in (tag_cfg or {}).items() if k in ("mean", "std")}}
-    return tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))), tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+def size_rule(num_classes: int, num_blocks: int, divisor: int) -> int:
+    """The paper's size rule 2 ** max(0, floor(log2(K / (divisor * L)))): divisor 2 gives AdaptFormer's
+    bottleneck r (32 for ImageNet-LT), 4 the LoRA rank, 1 the VPT length."""
+    return 2 ** max(0, math.floor(math.log2(num_classes / (divisor * num_blocks))))
 
 
-def load_openai_release(name: str, path: str, quick_gelu: bool):
-    """OpenAI's own weight file (e.g. ViT-B-16.pt) is a TorchScript archive, which torch.load refuses
-    with weights_only=True; read it with torch.jit.load, as OpenAI's loader does, and copy its tensors
-    (the same names as open_clip's CLIP) into the open_clip model: every one of the model's is required."""
+def configure_tuning(model: LiftModel, cfg: Config, num_classes: int):
+    """Freeze CLIP, then attach AdaptFormer to every block (LIFT+) or set up a baseline; the classifier trains."""
+    enc = model.encoder
+    model.requires_grad_(False)
+    blocks = block_indices(cfg, len(enc.visual.transformer.resblocks))  # Appendix A: --blocks; default all
+    if cfg.tuning == "adaptformer":
+        r = cfg.adapter_dim or size_rule(num_classes, len(blocks), 2)
+        for i in blocks:
+            enc.adaptformer[str(i)] = AdaptFormer(enc.width, r)
+        sizes = {"r": r}
+    else:
+        sizes = BASELINES[cfg.tuning](enc, cfg, blocks, num_classes)  # Appendix A: the paper's baselines
+    model.head.weight.requires_grad_(cfg.tuning != "zeroshot")
+    model.sizes = {"tuning": cfg.tuning, "blocks": blocks, **sizes}
+
+
+def build_model(cfg: Config, data: LTData, device) -> LiftModel:
+    """CLIP -> LiftModel with the tuning method attached and the classifier initialised."""
     import open_clip
-    archive = torch.jit.load(path, map_location="cpu").state_dict()       # also holds metadata scalars
-    clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    clip.load_state_dict({k: archive[k] for k in clip.state_dict() if k in archive}, strict=True)  # none missing
-    return clip
+    torch.manual_seed(cfg.seed)
+    clip, mean, std = load_clip(cfg)
+    check_vit(clip.visual, cfg)                                     # Appendix E: a CLIP ViT, or a clear error
+    model = LiftModel(clip.to(device).visual, mean, std, data.num_classes, cfg.logit_scale, cfg.tuning == "zeroshot")
+    configure_tuning(model, cfg, data.num_classes)
+    if cfg.fast:
+        make_fast(model)                                            # Appendix D: the same values, faster
+    model.to(device)
+    if cfg.init == "semantic":
+        t = text_features(clip, open_clip.get_tokenizer(open_clip_name(cfg.model)), data.classnames, cfg.prompt, device)
+        w = t if model.zeroshot else semantic_init(t, clip.visual.proj)  # [K, E] or [K, D]
+    else:
+        w = baseline_init(model, data, cfg, device)                 # Appendix A: class means, a linear probe, random
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+    return model                                                    # CLIP's text tower is not needed any more
 
 
-def check_vit(visual, cfg: Config):
-    """LIFT+ plugs into the blocks of a CLIP ViT with a class token; refuse anything else clearly."""
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-    kind = type(visual).__name__
-    if not isinstance(visual, VisionTransformer):
-        raise LiftError(f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower (e.g. ViT-B-16); "
-                        f"this model's is {kind}")
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or \
-            not isinstance(visual.patch_dropout, nn.Identity) or \
-            not all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks):
-        raise LiftError(f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported")
+# ==========================================================================================
+# 5. Loss: logit-adjusted cross-entropy [paper: Proposition 3.1 and its remark; Menon et al., 2021]
 
 
-class Adapter(nn.Module):
-    """Bottleneck adapter: Up(ReLU(Down(LN_a(x)))), Up zero-initialised so it starts as a no-op.
-
-    As the 'Adapter' baseline it is added sequentially to the MLP output: m <- m + Adapter(m)."""
-
-    def __init__(self, dim: int, r: int):
-        super().__init__()
-        self.ln = nn.LayerNorm(dim)         # LN_a, the adapter's own LayerNorm
-        self.down = nn.Linear(dim, r)       # D -> r, kaiming-uniform weight (nn.Linear's default)
-        self.up = nn.Linear(r, dim)         # r -> D
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)      # zero: training starts exactly at CLIP
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return self.up(F.relu(self.down(self.ln(x))))
+def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: str = "mean"):
+    """CE(z + tau * log pi, y), pi_j = n_j / N from the training counts; training only (the test uses raw
+    logits). Bayes-consistent for a balanced test set when the class conditionals of train and test
+    agree (zeta = 1), which lightweight tuning preserves (Proposition 3.1)."""
+    return F.cross_entropy(logits.float() + tau * log_prior, labels, reduction=reduction)
 
 
-class AdaptFormer(Adapter):
-    """AdaptFormer, LIFT+'s lightweight module [paper: lightweight fine-tuning]: parallel to the
-    MLP, reading the residual stream after attention, with a learnable scale s (init 1):
-
-        h = x + Attn(LN1(x));   out = h + MLP(LN2(h)) + s * Up(ReLU(Down(LN_a(h))))"""
-
-    def __init__(self, dim: int, r: int):
-        super().__init__(dim, r)
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, h):
-        return self.scale * super().forward(h)
+# ==========================================================================================
+# 6. Training: SGD, cosine schedule, mixed precision, a checkpoint per epoch [paper: the LIFT+ framework]
 
 
-class LoRA(nn.Module):
-    """LoRA baseline: a low-rank update x @ A @ B / r added to the query or value projection; B = 0."""
-
-    def __init__(self, dim: int, r: int):
-        super().__init__()
-        self.down = nn.Parameter(torch.empty(dim, r))
-        self.up = nn.Parameter(torch.zeros(r, dim))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # as the LIFT+ code: torch's fan-in of [D, r] is r
-        self.scale = 1.0 / r
-
-    def forward(self, x):
-        return (x @ self.down) @ self.up * self.scale
+def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if generator is not None else None
+    workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
 
 
-class QuickGELUFunction(torch.autograd.Function):
-    """QuickGELU, x * sigmoid(1.702 x), keeping only x for the backward pass.
-
-    Autograd would keep both x and sigmoid(1.702 x), two [B, N, 4D] tensors per block; recomputing
-    the sigmoid in the backward pass halves that memory for the same values."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        return grad * (s + 1.702 * x * s * (1.0 - s))
-
-
-class LiftViT(nn.Module):
-    """CLIP's image tower run block by block, so that each tuning method plugs in where the paper
-    puts it. Returns the CLS feature after the final LayerNorm, BEFORE the image projection."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-        self.adaptformer = nn.ModuleDict()    # block index -> AdaptFormer   (LIFT+)
-        self.adapter = nn.ModuleDict()        # block index -> Adapter       (baseline)
-        self.lora_q = nn.ModuleDict()         # block index -> LoRA on q     (baseline)
-        self.lora_v = nn.ModuleDict()         # block index -> LoRA on v     (baseline)
-        self.prompts = nn.ParameterDict()     # block index -> [P, D] deep prompts (VPT baseline)
-        self.num_tokens = visual.positional_embedding.shape[0]  # N = patches + 1
-
-    @property
-    def blocks(self):
-        return self.visual.transformer.resblocks
-
-    @property
-    def width(self) -> int:
-        return self.visual.class_embedding.shape[0]
-
-    def forward(self, x):                                                   # x: [B, 3, S, S], normalised
-        v = self.visual
-        x = v.conv1(x)                                                      # [B, D, S/p, S/p]
-        x = x.flatten(2).transpose(1, 2)                                    # [B, N-1, D]
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)       # [B, 1, D]
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # [B, N, D]
-        x = v.ln_pre(x)
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            x = self.block(str(i), blk, x, cls_only=i == last)
-        return v.ln_post(x[:, 0])                                           # [B, D]
-
-    def block(self, i: str, blk, x, cls_only: bool = False):
-        """One transformer block with the tuning modules. cls_only (the last block): only the class
-        token's output is used downstream, so only its query, MLP and adapters are computed; keys
-        and values still come from every token. Same values, about 1/13 fewer FLOPs for ViT-B/16."""
-        if i in self.prompts:  # VPT-deep: this block's prompts replace the previous block's
-            old = x.shape[1] - self.num_tokens
-            p = self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)       # [B, P, D]
-            x = torch.cat([x[:, :1], p, x[:, 1 + old:]], dim=1)              # [B, 1 + P + N-1, D]
-        y = blk.ln_1(x)
-        x = x[:, :1] if cls_only else x                                     # the residual stream we keep
-        h = x + blk.ls_1(self.attention(i, blk.attn, y, cls_only))         # h = x + Attn(LN1(x))
-        m = blk.ls_2(self.mlp(blk.mlp, blk.ln_2(h)))                        # MLP(LN2(h))
-        if i in self.adapter:
-            m = m + self.adapter[i](m)
-        if i in self.adaptformer:
-            m = m + self.adaptformer[i](h)                                  # s * Up(ReLU(Down(LN_a(h))))
-        return h + m
-
-    @staticmethod
-    def mlp(mlp: nn.Sequential, y):
-        if type(mlp.gelu).__name__ == "QuickGELU":                          # OpenAI CLIP's activation
-            return mlp.c_proj(QuickGELUFunction.apply(mlp.c_fc(y)))
-        return mlp(y)
-
-    def attention(self, i: str, attn: nn.MultiheadAttention, y, cls_only: bool = False):
-        B, N, D = y.shape
-        H = attn.num_heads
-        w, b = attn.in_proj_weight, attn.in_proj_bias                      # [3D, D], [3D]
-        yq = y[:, :1] if cls_only else y                                    # queries: [B, Nq, D]
-        q = F.linear(yq, w[:D], b[:D])                                      # [B, Nq, D]
-        k, v = F.linear(y, w[D:], b[D:]).chunk(2, dim=-1)                   # 2 x [B, N, D]
-        if i in self.lora_q:
-            q = q + self.lora_q[i](yq)
-            v = v + self.lora_v[i](y)
-        Nq = q.shape[1]
-        q = q.reshape(B, Nq, H, D // H).transpose(1, 2)                     # [B, H, Nq, D/H]
-        k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (k, v))  # [B, H, N, D/H]
-        o = F.scaled_dot_product_attention(q, k, v)                         # [B, H, Nq, D/H]
-        return attn.out_proj(o.transpose(1, 2).reshape(B, Nq, D))           # [B, Nq, D]
+def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=None) -> list:
+    """SGD with momentum and weight decay on the tuned parameters, cosine annealing stepped once per epoch, the
+    logit-adjusted loss on MDA crops, a checkpoint per epoch; returns the per-epoch losses. features: Appendix D."""
+    device, dtype = model.mean.device, amp_dtype(cfg, model.mean.device)  # Appendix D: bf16 / fp16 on GPUs
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    start_epoch, losses = resume(cfg, data, model, opt, sched, scaler, run_dir)  # Appendix E: --resume, exactly
+    counts = torch.as_tensor(data.train_counts, dtype=torch.float32)
+    log_prior = torch.log(counts / counts.sum()).to(device)         # log pi: [K]
+    tau = cfg.tau if cfg.loss == "la" else 0.0                      # CE is LA with tau = 0
+    transform = MDATransform(model.image_size, cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
+    train_set, forward = Views(data.train, transform), model
+    if features is not None:
+        train_set, forward = torch.utils.data.TensorDataset(features[0][:, None], features[1]), model.head
+    micro, N = cfg.batch_size // cfg.accum_steps, len(train_set)
+    progress = Progress(cfg, math.ceil(N / cfg.batch_size))        # Appendix E: progress lines
+    for epoch in range(start_epoch, cfg.epochs):
+        transform.epoch = epoch
+        loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        model.train()
+        total, seen = torch.zeros((), device=device), 0             # the summed loss stays on the device: no sync per step
+        opt.zero_grad(set_to_none=True)
+        for j, (views, y) in enumerate(loader):
+            step = j // cfg.accum_steps
+            n_step = min(cfg.batch_size, N - step * cfg.batch_size)  # images in this optimiser step
+            x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S] (or [b, D])
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = forward(x)                                 # [b, K]
+            loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach() * n_step
+            seen += len(y)
+            if (j + 1) % cfg.accum_steps == 0 or seen == N:        # the optimiser steps once per batch_size images
+                scaler.step(opt) if scaler else opt.step()
+                scaler.update() if scaler else None
+                opt.zero_grad(set_to_none=True)
+                progress.step(epoch, step, seen == N, lambda: total.item() / seen, opt.param_groups[0]["lr"])
+        sched.step()
+        losses.append(total.item() / seen)
+        save_checkpoint(run_dir / "checkpoint.pt", cfg, data, model, opt, sched, scaler, epoch + 1, losses)  # Appendix E
+    return losses
 
 
-class CosineClassifier(nn.Module):
-    """logit_j = s * <f / |f|, w_j / |w_j|>, no bias [paper: semantic-aware initialization; s = 25]."""
+def fit(cfg: Config) -> tuple:
+    """Build the task and the model, then train it (or, with --eval-only, load --checkpoint): (data, model)."""
+    device = pick_device(cfg)                                       # Appendix E: a device that exists
+    data = build_data(cfg)
+    print(summarize_data(data, cfg.data))
+    model = build_model(cfg, data, device)
+    print(describe_tuning(model))
+    if cfg.eval_only and cfg.checkpoint:
+        model.train_loss = load_tuned(model, cfg, data, cfg.checkpoint)  # Appendix E: identity checked
+    elif not cfg.eval_only and cfg.tuning != "zeroshot":
+        features = frozen_features(model, data, cfg) if cfg.cache_features else None  # Appendix D
+        model.train_loss = train(cfg, data, model, run_folder(cfg), features)
+    return data, model
 
-    def __init__(self, weight: torch.Tensor, scale: float):
-        super().__init__()
-        self.weight = nn.Parameter(weight.clone().float())  # [K, D]
-        self.scale = scale
 
-    def forward(self, f):                                                   # f: [B, D]
-        return self.scale * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).t()  # [B, K]
+# ==========================================================================================
+# 7. Evaluation: Overall / Many / Medium / Few top-1 accuracy [paper: evaluation protocol]
 
 
-class LiftModel(nn.Module):
-    """uint8 images -> normalise -> LiftViT feature -> (projection, zero-shot only) -> cosine classifier."""
+def class_groups(train_counts) -> dict:
+    """Many-shot (> 100 training images), Medium-shot (20-100) and Few-shot (< 20) classes."""
+    n = np.asarray(train_counts)
+    return {"many": np.flatnonzero(n > 100), "medium": np.flatnonzero((n >= 20) & (n <= 100)), "few": np.flatnonzero(n < 20)}
 
-    def __init__(self, visual, mean, std, num_classes: int, scale: float, zeroshot: bool = False):
-        super().__init__()
-        self.encoder = LiftViT(visual)
-        dim = visual.output_dim if zeroshot else self.encoder.width
-        self.head = CosineClassifier(torch.zeros(num_classes, dim), scale)
-        self.zeroshot = zeroshot  # zero-shot CLIP compares projected image features with text features
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def features(self, images):                                            # images: [B, 3, S, S] uint8
-        x = (images.float() - self.mean) / self.std                         # CLIP's normalisation, on device
-        f = self.encoder(x)                                                 # [B, D]
-        return f @ self.encoder.visual.proj if self.zeroshot else f
-
-    def forward(self, images):
-        return self.head(self.features(images))                            # [B, K]
+def tte_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """Mean of the logits of the V views of each image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE).
+    The views run as V passes of B images: the same values as one pass of B V, a V times smaller working set."""
+    B, V = views.shape[:2]
+    logits = torch.cat([model(chunk) for chunk in views.flatten(0, 1).split(B)]).float()  # [B V, K]
+    return logits.view(B, V, -1).mean(dim=1)
 
 
 @torch.no_grad()
-def text_features(clip, tokenizer, classnames, template: str, device) -> torch.Tensor:
-    """normalize(text_projection(text_encoder("a photo of a {name}."))) for every class: [K, E]."""
-    prompts = [template.format(c.replace("_", " ")) for c in classnames]
-    out = [clip.encode_text(tokenizer(prompts[i:i + 1000]).to(device), normalize=True).float()
-           for i in range(0, len(prompts), 1000)]
-    return torch.cat(out)
+def over_dataset(fn, model: LiftModel, dataset, cfg: Config) -> tuple:
+    """fn(views [B, V, 3, S, S] on the model's device) for every batch of a dataset: (outputs [N, ...], labels [N])."""
+    model.eval()
+    device = model.mean.device
+    dtype, out, labels = amp_dtype(cfg, device), [], []              # Appendix D
+    for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(fn(views.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(out), torch.cat(labels)
 
 
-def semantic_init(text_feats: torch.Tensor, image_proj: torch.Tensor) -> torch.Tensor:
-    """[paper: semantic-aware initialization] Map text features back through the image projection,
-    w_j = normalize(t_j @ P^T), so that <f, w_j> is proportional to CLIP's image-text score <f P, t_j>."""
-    return F.normalize(text_feats @ image_proj.t().float(), dim=-1)        # [K, E] @ [E, D] -> [K, D]
+def accuracy_report(preds, labels, train_counts) -> dict:
+    """Top-1 accuracy overall, and the mean per-class accuracy of each group (%); a class with no test
+    images counts in no group mean, and a group with no test images is None."""
+    preds, labels, K = np.asarray(preds), np.asarray(labels), len(train_counts)
+    correct = np.bincount(labels, weights=(preds == labels), minlength=K)
+    total = np.bincount(labels, minlength=K)
+    per_class = [100.0 * c / t if t else None for c, t in zip(correct, total)]
+    report = {"overall": 100.0 * float((preds == labels).mean())}
+    for group, idx in class_groups(train_counts).items():
+        idx = idx[total[idx] > 0]
+        report[group] = float(np.mean([per_class[i] for i in idx])) if len(idx) else None
+    report["per_class"] = per_class
+    return report
+
+
+def evaluate(cfg: Config, data: LTData, model: LiftModel) -> dict:
+    """Test-set accuracy with TTE (or the centre crop), printed and written to the run's results.json."""
+    S = model.image_size                                            # TTE: five crops of a resize to 248; else the centre of 256
+    views = EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
+    logits, labels = over_dataset(lambda v: tte_logits(model, v), model, Views(data.test, views), cfg)
+    preds = logits.argmax(dim=1).numpy()                            # [N]
+    report = {**accuracy_report(preds, labels.numpy(), data.train_counts), "predictions": preds, "labels": labels.numpy()}
+    print(f"test ({f'TTE: five crops of the resize to {S + cfg.expand}' if cfg.tte else 'centre crop'})")
+    print("          Overall    Many  Medium     Few\naccuracy  " +
+          " ".join("    n/a" if report[k] is None else f"{report[k]:7.2f}" for k in ("overall", "many", "medium", "few")))
+    write_results(cfg, data, model, report)                         # Appendix E: results.json
+    return report
+
+
+# ==========================================================================================
+# 8. Main
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["table"]:                                       # Appendix A: python lift_plus.py table runs/
+        return print(results_table(argv[1] if len(argv) > 1 else "runs"))
+    with clean_exit() as session:                                            # Appendix E: one line for every error and interrupt
+        cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
+        data, model = fit(cfg)
+        evaluate(cfg, data, model)
+
+
+
+# ==========================================================================================
+# APPENDIX A. The paper's baselines: other tuning methods, classifier inits, the results table
+# Plugs into Part I at configure_tuning (BASELINES, block_indices), build_model (baseline_init) and
+# main (the `table` command). Each method only freezes, unfreezes or attaches parameters: LoRA and the
+# random mask are parametrizations of CLIP's weights, the Adapter wraps the MLP, and VPT uses LiftViT's
+# prompt hook, so the forward pass of Part I serves them all.
+
+
+def block_indices(cfg: Config, num_blocks: int) -> list:
+    """Vision blocks a method acts on: --blocks ('0-11', '8,9,10,11'); partial: the last k; else all."""
+    if cfg.tuning == "partial":
+        if cfg.partial_blocks > num_blocks:
+            raise LiftError(f"--partial-blocks: expected 0..{num_blocks} (the model has {num_blocks} blocks), got {cfg.partial_blocks}")
+        return list(range(num_blocks - cfg.partial_blocks, num_blocks))
+    if cfg.blocks is None:
+        return list(range(num_blocks))
+    chosen = set()
+    for part in cfg.blocks.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+        if not m or hi >= num_blocks or hi < lo:
+            raise LiftError(f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'")
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)
+
+
+class Adapter(AdaptFormer):
+    """Adapter baseline: the same bottleneck without a scale, applied sequentially to the MLP's output."""
+
+    def __init__(self, dim: int, r: int):
+        super().__init__(dim, r)
+        del self.scale
+
+    def forward(self, m):
+        return self.up(F.relu(self.down(self.ln(m))))
+
+
+class MLPThenAdapter(nn.Module):
+    """m = MLP(y); m <- m + Adapter(m). Replaces a block's MLP, so the block runs unchanged."""
+
+    def __init__(self, mlp: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.mlp, self.adapter = mlp, adapter
+
+    def forward(self, y):
+        m = self.mlp(y)
+        return m + self.adapter(m)
+
+
+class LoRA(nn.Module):
+    """LoRA baseline on the query and value projections, as a parametrization of the packed in-projection
+    [W_q; W_k; W_v] (rows of D): q gains x A_q B_q / r and v gains x A_v B_v / r. B = 0 at init; A is
+    kaiming-uniform as in the LIFT+ code (torch's fan-in of a [D, r] tensor is r)."""
+
+    def __init__(self, dim: int, r: int):
+        super().__init__()
+        self.q_down, self.q_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
+        nn.init.kaiming_uniform_(self.q_down, a=math.sqrt(5))
+        self.v_down, self.v_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
+        nn.init.kaiming_uniform_(self.v_down, a=math.sqrt(5))
+        self.scale = 1.0 / r
+
+    def forward(self, w):                                           # w: [3D, D]; F.linear(x, w) = x @ w.T
+        dq = (self.q_down @ self.q_up).t() * self.scale             # [D, D]
+        dv = (self.v_down @ self.v_up).t() * self.scale
+        return w + torch.cat([dq, torch.zeros_like(dq), dv])
+
+
+class MaskedUpdate(nn.Module):
+    """Random-mask ('arbitrary') fine-tuning: a parametrization that lets exactly round(ratio * n) seeded
+    random entries of a frozen tensor train; every other entry stays bit-identical."""
+
+    def __init__(self, tensor: torch.Tensor, ratio: float, gen: torch.Generator):
+        super().__init__()
+        n = tensor.numel()
+        self.register_buffer("index", torch.randperm(n, generator=gen)[:round(ratio * n)])
+        self.values = nn.Parameter(tensor.detach().flatten()[self.index].clone())
+
+    def forward(self, frozen):
+        return frozen.flatten().index_put((self.index,), self.values).view_as(frozen)
+
+
+def tune_blocks(enc, cfg, blocks, K):                               # full and partial fine-tuning
+    for i in blocks:
+        enc.visual.transformer.resblocks[i].requires_grad_(True)
+    return {}
+
+
+def tune_bitfit(enc, cfg, blocks, K):
+    for i in blocks:
+        for name, p in enc.visual.transformer.resblocks[i].named_parameters():
+            p.requires_grad_(name.endswith("bias"))
+    return {}
+
+
+def tune_vpt(enc, cfg, blocks, K):                                  # VPT-deep: new prompts in every block
+    P = cfg.vpt_len or size_rule(K, len(blocks), 1)
+    for i in blocks:
+        enc.prompts[str(i)] = nn.Parameter(torch.randn(P, enc.width) * 0.02)
+    return {"prompt_len": P}
+
+
+def insert_prompts(enc: LiftViT, i: int, x):
+    """VPT-deep: block i's prompts replace the previous block's, after the class token."""
+    if str(i) not in enc.prompts:
+        return x
+    old = x.shape[1] - enc.visual.positional_embedding.shape[0]    # the previous block's prompts
+    p = enc.prompts[str(i)].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, D]
+    return torch.cat([x[:, :1], p, x[:, 1 + old:]], dim=1)          # [B, 1 + P + N-1, D]
+
+
+def tune_adapter(enc, cfg, blocks, K):
+    r = cfg.adapter_dim or size_rule(K, len(blocks), 2)
+    for i in blocks:
+        blk = enc.visual.transformer.resblocks[i]
+        blk.mlp = MLPThenAdapter(blk.mlp, Adapter(enc.width, r))
+    return {"r": r}
+
+
+def tune_lora(enc, cfg, blocks, K):
+    from torch.nn.utils import parametrize
+    r = cfg.lora_rank or size_rule(K, len(blocks), 4)
+    for i in blocks:
+        parametrize.register_parametrization(enc.visual.transformer.resblocks[i].attn, "in_proj_weight", LoRA(enc.width, r))
+    return {"rank": r}
+
+
+def tune_mask(enc, cfg, blocks, K):
+    from torch.nn.utils import parametrize
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for i in blocks:
+        blk = enc.visual.transformer.resblocks[i]
+        for module, name in [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias"), (blk.attn.out_proj, "weight"),
+                             (blk.attn.out_proj, "bias"), (blk.mlp.c_fc, "weight"), (blk.mlp.c_fc, "bias"),
+                             (blk.mlp.c_proj, "weight"), (blk.mlp.c_proj, "bias")]:
+            if round(cfg.mask_ratio * getattr(module, name).numel()) > 0:  # a tiny bias may get no entry
+                parametrize.register_parametrization(module, name, MaskedUpdate(getattr(module, name), cfg.mask_ratio, gen))
+    return {}
+
+
+BASELINES = {"classifier": lambda *a: {}, "zeroshot": lambda *a: {}, "full": tune_blocks, "partial": tune_blocks,
+             "bitfit": tune_bitfit, "vpt": tune_vpt, "adapter": tune_adapter, "lora": tune_lora, "mask": tune_mask}
+
+
+def extract_features(model: LiftModel, dataset, cfg: Config) -> tuple:
+    """Features of a dataset of single views: ([N, D] float32, [N] labels)."""
+    return over_dataset(lambda views: model.features(views[:, 0]), model, dataset, cfg)
+
+
+def baseline_init(model: LiftModel, data: LTData, cfg: Config, device) -> torch.Tensor:
+    """Classifier init ablation: random unit vectors ('none'), or the class means / a linear probe of the
+    frozen features of at most 100 random training images per class (centre views)."""
+    K = data.num_classes
+    if cfg.init == "none":
+        return F.normalize(torch.rand(K, model.encoder.width) * 2 - 1, dim=-1)
+    rng, labels = np.random.RandomState(cfg.seed), np.asarray(data.train.labels)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:100] for c in range(K)])
+    S = model.image_size
+    feats, ys = extract_features(model, Views(data.train, EvalTransform(S, S, False), idx), cfg)
+    return (class_mean_init if cfg.init == "class_mean" else linear_probe_init)(feats, ys, K)
 
 
 def class_mean_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Classifier init baseline: the normalised mean feature of each class."""
+    """The normalised mean feature of each class."""
     sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats.double())
     return F.normalize(sums, dim=-1).float()
 
 
 def logistic_regression(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, iters: int = 100) -> tuple:
-    """L2-regularised (C = 1), class-balanced multinomial logistic regression fitted with L-BFGS,
-    the objective of scikit-learn's LogisticRegression(class_weight='balanced'): returns (W, b)."""
+    """L2-regularised (C = 1), class-balanced multinomial logistic regression fitted with L-BFGS, the
+    objective of scikit-learn's LogisticRegression(class_weight='balanced'): returns (W, b)."""
     x, y = feats.double(), labels
     counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
-    sample_w = (len(y) / (num_classes * counts))[y]                        # 'balanced' class weights
+    sample_w = (len(y) / (num_classes * counts))[y]                 # 'balanced' class weights
     W = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
@@ -956,431 +889,195 @@ def logistic_objective(x, y, sample_w, W, b):
 
 
 def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Classifier init baseline: the normalised weight rows of a linear probe (the bias is dropped)."""
+    """The normalised weight rows of a linear probe (the bias is dropped)."""
     W, _ = logistic_regression(feats, labels, num_classes)
     return F.normalize(W, dim=-1).float()
 
 
-# ==========================================================================================
-# 5. Tuning methods: what trains (LIFT+, and [paper: the fine-tuning methods it is compared with])
-# ==========================================================================================
-
-
-def size_rule(num_classes: int, num_blocks: int, divisor: int) -> int:
-    """The paper's size rule 2 ** max(0, floor(log2(K / (divisor * L)))): divisor 2 gives the
-    AdaptFormer / Adapter bottleneck r (32 for ImageNet-LT), 4 the LoRA rank, 1 the VPT length."""
-    return 2 ** max(0, math.floor(math.log2(num_classes / (divisor * num_blocks))))
-
-
-def block_indices(cfg: Config, num_blocks: int) -> list:
-    """Vision blocks the method acts on: --blocks ('0-11', '8,9,10,11'), partial: the last k, else all."""
-    if cfg.tuning == "partial":
-        if not 0 <= cfg.partial_blocks <= num_blocks:
-            raise LiftError(f"--partial-blocks: expected 0..{num_blocks}, got {cfg.partial_blocks}")
-        return list(range(num_blocks - cfg.partial_blocks, num_blocks))
-    if cfg.blocks is None:
-        return list(range(num_blocks))
-    chosen = set()
-    for part in cfg.blocks.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m or int(m.group(2) or m.group(1)) >= num_blocks or int(m.group(2) or m.group(1)) < int(m.group(1)):
-            raise LiftError(f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'")
-        chosen.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return sorted(chosen)
-
-
-class MaskedUpdate(nn.Module):
-    """Random-mask ('arbitrary') fine-tuning: a parametrization that lets exactly round(ratio * n)
-    seeded-random entries of a frozen tensor train; every other entry stays bit-identical."""
-
-    def __init__(self, tensor: torch.Tensor, ratio: float, gen: torch.Generator):
-        super().__init__()
-        n = tensor.numel()
-        self.register_buffer("index", torch.randperm(n, generator=gen)[:round(ratio * n)])
-        self.values = nn.Parameter(tensor.detach().flatten()[self.index].clone())
-
-    def forward(self, frozen):
-        return frozen.flatten().index_put((self.index,), self.values).view_as(frozen)
-
-
-def configure_tuning(model: LiftModel, cfg: Config, num_classes: int) -> dict:
-    """Freeze CLIP, then attach or unfreeze what --tuning trains. Returns the method's sizes."""
-    from torch.nn.utils import parametrize
-    enc = model.encoder
-    model.requires_grad_(False)
-    blocks = block_indices(cfg, len(enc.blocks))
-    L, D, K, t = len(blocks), enc.width, num_classes, cfg.tuning
-    info = {"tuning": t, "blocks": blocks}
-    if t in ("adaptformer", "adapter"):
-        r = info["r"] = cfg.adapter_dim or size_rule(K, L, 2)
-        for i in blocks:
-            (enc.adaptformer if t == "adaptformer" else enc.adapter)[str(i)] = (AdaptFormer if t == "adaptformer" else Adapter)(D, r)
-    elif t == "lora":
-        r = info["rank"] = cfg.lora_rank or size_rule(K, L, 4)
-        for i in blocks:
-            enc.lora_q[str(i)], enc.lora_v[str(i)] = LoRA(D, r), LoRA(D, r)
-    elif t == "vpt":
-        P = info["prompt_len"] = cfg.vpt_len or size_rule(K, L, 1)
-        for i in blocks:
-            enc.prompts[str(i)] = nn.Parameter(torch.randn(P, D) * 0.02)
-    elif t in ("full", "partial"):
-        for i in blocks:
-            enc.blocks[i].requires_grad_(True)
-    elif t == "bitfit":
-        for i in blocks:
-            for name, p in enc.blocks[i].named_parameters():
-                p.requires_grad_(name.endswith("bias"))
-    elif t == "mask":
-        gen = torch.Generator().manual_seed(cfg.seed)
-        for i in blocks:
-            blk = enc.blocks[i]
-            for module, name in [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias"),
-                                 (blk.attn.out_proj, "weight"), (blk.attn.out_proj, "bias"),
-                                 (blk.mlp.c_fc, "weight"), (blk.mlp.c_fc, "bias"),
-                                 (blk.mlp.c_proj, "weight"), (blk.mlp.c_proj, "bias")]:
-                if round(cfg.mask_ratio * getattr(module, name).numel()) > 0:  # a tiny bias may get no entry
-                    parametrize.register_parametrization(module, name, MaskedUpdate(getattr(module, name), cfg.mask_ratio, gen))
-    if t != "zeroshot":
-        model.head.weight.requires_grad_(True)
-    return info
-
-
-def tuned_state(model: nn.Module) -> dict:
-    """What a checkpoint holds: the tuned parameters (and random-mask indices), never frozen CLIP."""
-    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.cpu().clone() for n, b in model.named_buffers() if n.endswith(".index")})
-    return state
-
-
-def count_params(model: LiftModel) -> dict:
-    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = model.head.weight.numel() if model.head.weight.requires_grad else 0
-    visual = sum(p.numel() for n, p in model.encoder.visual.named_parameters() if "parametrizations" not in n or n.endswith("original"))
-    return {"method": tuned - head, "classifier": head, "tuned": tuned, "image_encoder": visual}
-
-
-# ==========================================================================================
-# 6. Loss: logit-adjusted cross-entropy [paper: Proposition 3.1 and its remark; Menon et al., 2021]
-# ==========================================================================================
-
-
-def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: str = "mean"):
-    """CE(z + tau * log pi, y) with pi_j = n_j / N from the training counts. Training only: the
-    test uses the raw logits. Bayes-consistent for a balanced test set when the class conditionals
-    of train and test agree (zeta = 1), which lightweight tuning preserves (Proposition 3.1)."""
-    return F.cross_entropy(logits.float() + tau * log_prior, labels, reduction=reduction)
-
-
-# ==========================================================================================
-# 7. Training: SGD + cosine schedule, mixed precision, atomic checkpoints, exact resume
-# ==========================================================================================
-
-
-def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
-    return device
-
-
-def amp_dtype(cfg: Config, device: torch.device):
-    """bf16 autocast where the GPU supports it, else fp16 (with a gradient scaler); fp32 on CPU.
-    Autocast runs LayerNorm in fp32, as LIFT+ keeps its LayerNorms."""
-    if device.type != "cuda" or cfg.amp == "off":
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-
-def autocast(device: torch.device, dtype):
-    """Mixed precision where amp_dtype chose a dtype; a no-op context otherwise (CPU, --amp off)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if generator is not None else None
-    workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=False)
-
-
-@torch.no_grad()
-def extract_features(model: LiftModel, dataset, cfg: Config, device) -> tuple:
-    """Frozen features of a dataset (one view per image): ([N, D] float32, [N] labels)."""
-    model.eval()
-    dtype = amp_dtype(cfg, device)
-    feats, labels = [], []
-    for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
-        with autocast(device, dtype):
-            feats.append(model.features(views[:, 0].to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
-
-
-def init_classifier(model: LiftModel, clip, tokenizer, data: LTData, cfg: Config, device, size: int):
-    """Classifier init [paper: semantic-aware initialization, and its ablation]: text prompts
-    (semantic, and zero-shot), class means, a linear probe, or random unit vectors ('none')."""
-    K = len(data.classnames)
-    if cfg.tuning == "zeroshot" or cfg.init == "semantic":
-        t = text_features(clip, tokenizer, data.classnames, cfg.prompt, device)     # [K, E]
-        w = t if cfg.tuning == "zeroshot" else semantic_init(t, clip.visual.proj)
-    elif cfg.init == "none":
-        w = F.normalize(torch.rand(K, model.encoder.width) * 2 - 1, dim=-1)
-    else:  # class_mean / linear_probe: features of at most 100 random training images per class
-        rng = np.random.RandomState(cfg.seed)
-        labels = np.asarray(data.train.labels)
-        idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:100] for c in range(K)])
-        feats, ys = extract_features(model, Views(data.train, InitTransform(size), idx), cfg, device)
-        w = (class_mean_init if cfg.init == "class_mean" else linear_probe_init)(feats, ys, K)
-    with torch.no_grad():
-        model.head.weight.copy_(w.to(model.head.weight.device))
-
-
-def build_model(cfg: Config, data: LTData, device) -> tuple:
-    """CLIP -> LiftModel with the tuning method attached and the classifier initialised."""
-    import open_clip
-    prepare_world_model(cfg)  # an offline world (section 9) brings its own tiny pretrained CLIP
-    torch.manual_seed(cfg.seed)
-    clip, mean, std = load_clip(cfg)
-    check_vit(clip.visual, cfg)
-    clip.to(device)
-    model = LiftModel(clip.visual, mean, std, len(data.classnames), cfg.logit_scale, zeroshot=cfg.tuning == "zeroshot")
-    info = configure_tuning(model, cfg, len(data.classnames))
-    model.to(device)
-    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, (tuple, list)) else clip.visual.image_size
-    tokenizer = open_clip.get_tokenizer(open_clip_name(cfg.model))
-    init_classifier(model, clip, tokenizer, data, cfg, device, size)
-    info["image_size"] = int(size)
-    return model, info  # the text tower goes out of scope here: it is needed only for the init
-
-
-def atomic_write_bytes(path: Path, payload: bytes):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: dict):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def checkpoint_identity(cfg: Config, data: LTData, info: dict) -> dict:
-    """What a checkpoint must agree on with the run that loads it."""
-    return {"model": cfg.model, "tuning": cfg.tuning, "num_classes": len(data.classnames),
-            "classes": hashlib.sha1("\n".join(data.classnames).encode()).hexdigest(),
-            "method": {k: v for k, v in info.items() if k not in ("image_size",)}}
-
-
-def load_checkpoint(path, identity: dict) -> dict:
-    """torch.load with weights_only=True, refusing a checkpoint written for another model or task."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LiftError(f"--checkpoint {path}: no such file") from None
-    except Exception as e:
-        raise LiftError(f"checkpoint {path}: cannot be read ({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "identity" not in state or "tuned" not in state:
-        raise LiftError(f"checkpoint {path}: not a lift_plus checkpoint")
-    theirs = state["identity"]
-    wrong = [k for k in identity if theirs.get(k) != identity[k]]
-    if wrong:
-        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {identity[k]!r}" for k in wrong
-                           if k != "classes") + ("; the class names differ" if "classes" in wrong else "")
-        raise LiftError(f"checkpoint {path} does not match this run ({detail})")
-    return state
-
-
-def load_tuned(model: nn.Module, tuned: dict, path):
-    own = tuned_state(model)
-    if set(own) != set(tuned) or any(own[k].shape != tuned[k].shape for k in own):
-        raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        for k, v in tuned.items():
-            (params.get(k) if k in params else buffers[k]).copy_(v)
-
-
-def train(cfg: Config, data: LTData, model: LiftModel, info: dict, device, run_dir: Path, features=None) -> list:
-    """The LIFT+ training loop [paper: the LIFT+ framework]: SGD with momentum and weight decay on
-    the tuned parameters, cosine annealing stepped once per epoch, logit-adjusted loss, MDA crops;
-    a checkpoint per epoch.
-
-    features: (feats [N, D], labels [N]) precomputed by the frozen backbone (--cache-features); then
-    only the classifier runs, on the same optimiser, schedule and data order."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    identity = checkpoint_identity(cfg, data, info)
-    ckpt_path = run_dir / "checkpoint.pt"
-    start_epoch, losses = 0, []
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise LiftError(f"{ckpt_path} exists: pass --resume to continue that run, or --run-name NAME for a new one")
-        state = load_checkpoint(ckpt_path, identity)
-        load_tuned(model, state["tuned"], ckpt_path)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, losses = state["epoch"], list(state["train_loss"])
-        print(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}")
-
-    counts = torch.as_tensor(data.train_counts, dtype=torch.float32)
-    log_prior = torch.log(counts / counts.sum()).to(device)                # log pi: [K]
-    tau = cfg.tau if cfg.loss == "la" else 0.0                             # CE is LA with tau = 0
-    if features is None:
-        transform = MDATransform(info["image_size"], cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
-        train_set, forward = Views(data.train, transform), model
-    else:
-        transform = None
-        train_set = torch.utils.data.TensorDataset(features[0][:, None], features[1])  # items ([1, D], label)
-        forward = model.head
-    micro = cfg.batch_size // cfg.accum_steps
-    N = len(train_set)
-    steps = math.ceil(N / cfg.batch_size)
-    t0, done = time.time(), 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if transform is not None:
-            transform.set_epoch(epoch)
-        loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        model.train()
-        total, seen = torch.zeros((), device=device), 0                     # summed loss stays on the device: no sync per step
-        opt.zero_grad(set_to_none=True)
-        for j, (views, y) in enumerate(loader):
-            step = j // cfg.accum_steps
-            n_step = min(cfg.batch_size, N - step * cfg.batch_size)        # images in this optimiser step
-            x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S] (or [b, D])
-            with autocast(device, dtype):
-                logits = forward(x)                                        # [b, K]
-            loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
-            (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach() * n_step
-            seen += len(y)
-            if (j + 1) % cfg.accum_steps == 0 or seen == N:
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                done += 1
-                if (step + 1) % cfg.log_every == 0 or seen == N:
-                    rate = done / (time.time() - t0)
-                    eta = ((cfg.epochs - epoch) * steps - step - 1) / max(rate, 1e-9)
-                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps} loss {total.item() / seen:.4f} "
-                          f"lr {opt.param_groups[0]['lr']:.5f} {rate * cfg.batch_size:.1f} img/s "
-                          f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-        sched.step()
-        losses.append(total.item() / seen)
-        save_checkpoint(ckpt_path, {
-            "identity": identity, "config": dataclasses.asdict(cfg), "epoch": epoch + 1, "train_loss": losses,
-            "tuned": tuned_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state()})
-    return losses
-
-
-# ==========================================================================================
-# 8. Evaluation: TTE, Overall / Many / Medium / Few accuracy [paper: evaluation protocol], results.json
-# ==========================================================================================
-
-
-def tte_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """Mean of the logits of V views per image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE).
-
-    The B * V views run as V forward passes of B images: the same values as one pass of B * V,
-    with a working set V times smaller (measured faster on CPUs)."""
-    B, V = views.shape[:2]
-    flat = views.flatten(0, 1)                                              # [B V, 3, S, S]
-    logits = torch.cat([model(chunk) for chunk in flat.split(B)]).float()   # [B V, K]
-    return logits.view(B, V, -1).mean(dim=1)
-
-
-@torch.no_grad()
-def predict(model: LiftModel, dataset, cfg: Config, device) -> tuple:
-    """Logits [N, K] and labels [N] of a test set seen through EvalTransform views."""
-    model.eval()
-    dtype = amp_dtype(cfg, device)
-    out, labels = [], []
-    for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
-        with autocast(device, dtype):
-            out.append(tte_logits(model, views.to(device, non_blocking=True)).cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(out), torch.cat(labels)
-
-
-def accuracy_report(preds, labels, train_counts) -> dict:
-    """Top-1 accuracy overall and the mean per-class accuracy of the Many / Medium / Few groups (%)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    K = len(train_counts)
-    correct = np.bincount(labels, weights=(preds == labels), minlength=K)
-    total = np.bincount(labels, minlength=K)
-    per_class = np.where(total > 0, 100.0 * correct / np.maximum(total, 1), np.nan)
-    report = {"overall": 100.0 * float((preds == labels).mean())}
-    for group, idx in class_groups(train_counts).items():
-        idx = idx[total[idx] > 0]
-        report[group] = float(np.mean(per_class[idx])) if len(idx) else float("nan")
-    report["per_class"] = per_class.tolist()
-    return report
-
-
-def format_report(report: dict) -> str:
-    cells = [f"{report[k]:7.2f}" for k in ("overall", "many", "medium", "few")]
-    return "          Overall    Many  Medium     Few\naccuracy  " + " ".join(cells)
-
-
-def write_results(path: Path, cfg: Config, report: dict, data: LTData, params: dict, losses: list):
-    results = {"config": dataclasses.asdict(cfg),
-               "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
-               "params": params, "train_loss": losses, "classnames": list(data.classnames),
-               "train_counts": [int(n) for n in data.train_counts], "per_class_accuracy": report["per_class"]}
-    atomic_write_bytes(path, json.dumps(results, indent=1, allow_nan=True).encode())
-
-
 def results_table(folder) -> str:
-    """Collect the results.json files under `folder` (one per run) into a Markdown table."""
+    """The results*.json files under `folder` (one per run) as one Markdown table."""
     rows = ["| run | data | tuning | init | loss | mda | tte | epochs | tuned params | Overall | Many | Medium | Few |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda v: "n/a" if v is None else f"{v:.2f}"
     for path in sorted(Path(folder).glob("**/results*.json")):
         r = json.loads(path.read_text())
         c, m = r["config"], r["metrics"]
         rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {c['init']} | {c['loss']} | {c['mda']} | "
                     f"{c['tte']} | {c['epochs']} | {r['params']['tuned']:,} | " +
-                    " | ".join(f"{m[k]:.2f}" for k in ("overall", "many", "medium", "few")) + " |")
+                    " | ".join(cell(m[k]) for k in ("overall", "many", "medium", "few")) + " |")
     return "\n".join(rows)
 
 
 # ==========================================================================================
-# 9. The offline world: a named toy image domain, a tiny CLIP pretrained on it, a long-tailed task
+# APPENDIX B. Weights, model configs and split lists: local files, downloads, offline failures
+# Plugs into Part I at find_split_files (build_benchmark), load_cifar100 (build_cifar100_lt) and
+# weights_errors / load_openai_release (load_clip). Offline, every download fails in seconds with
+# the name of the file to fetch elsewhere, instead of after a minute of retries.
+
+SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subfolder, and the extra files
+    "imagenet_lt": dict(train=("ImageNet_LT_train.txt", "train.txt"), test=("ImageNet_LT_test.txt", "test.txt"), subdir="ImageNet_LT"),
+    "places_lt": dict(train=("Places_LT_train.txt", "train.txt"), test=("Places_LT_test.txt", "test.txt"), subdir="Places_LT",
+                      extra=("classnames.txt",)),
+    "inat2018": dict(train=("iNaturalist18_train.txt", "train.txt"), test=("iNaturalist18_val.txt", "val.txt"),
+                     subdir="iNaturalist2018", extra=("categories.json",)),
+}
+SPLIT_URL = "https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{name}"
+
+
+def online(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Can this machine open a connection to host? (A fast check instead of minutes of retries.)"""
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_split_files(cfg: Config) -> dict:
+    """The split lists of a benchmark: from --splits, else --root, --root/<subdir> or the cache, else
+    downloaded into the cache."""
+    import urllib.request
+    spec = SPLIT_LISTS[cfg.data]
+    wanted = {"train": spec["train"], "test": spec["test"], **{n: (n,) for n in spec.get("extra", ())}}
+    cache = Path(cfg.cache).expanduser() / "splits" / spec["subdir"]
+    if cfg.splits and not Path(cfg.splits).is_dir():
+        raise LiftError(f"--splits {cfg.splits}: no such folder")
+    folders = [Path(cfg.splits)] if cfg.splits else [Path(cfg.root), Path(cfg.root) / spec["subdir"], cache]
+    locate = lambda: {k: next((d / n for d in folders for n in names if (d / n).is_file()), None) for k, names in wanted.items()}
+    found = locate()
+    missing = [k for k, p in found.items() if p is None]
+    if missing and not cfg.splits and online("raw.githubusercontent.com"):
+        for key in missing:
+            url = SPLIT_URL.format(subdir=spec["subdir"], name=wanted[key][-1])  # the LIFT+ code's file names
+            print(f"downloading {url}")
+            try:
+                atomic_write(cache / wanted[key][-1], urllib.request.urlopen(url, timeout=60).read())
+            except OSError as e:
+                raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
+        found = locate()
+        missing = [k for k, p in found.items() if p is None]
+    if missing:
+        names = ", ".join(" or ".join(wanted[k]) for k in missing)
+        where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
+        raise LiftError(
+            f"--data {cfg.data}: split files not found: {names}. Put them in {where}, or pass --splits DIR. "
+            f"They are published with the LIFT+ code (datasets/{spec['subdir']}/ in github.com/shijxcs/LIFT-plus) "
+            f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
+            f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them.")
+    return found
+
+
+def load_cifar100(cfg: Config) -> tuple:
+    """torchvision's CIFAR-100 (train, test) from --root, downloaded there when online."""
+    import torchvision
+    download = online("www.cs.toronto.edu")
+    try:
+        return tuple(torchvision.datasets.CIFAR100(str(Path(cfg.root).expanduser()), train=s, download=download)
+                     for s in (True, False))
+    except RuntimeError as e:
+        raise LiftError(f"--root {cfg.root}: CIFAR-100 not found ({e}). Put the extracted 'cifar-100-python' "
+                        f"folder there, or run once with internet to download it.") from None
+
+
+def open_clip_name(model: str) -> str:
+    """open_clip's name for --model: 'ViT-B/16' -> 'ViT-B-16'; a model-config JSON file is registered first."""
+    import open_clip
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise LiftError(f"--model {model}: no such model-config file")
+        open_clip.add_model_config(model)
+        return Path(model).stem
+    name = model.replace("/", "-")
+    if ":" not in name and name not in open_clip.list_models():
+        vits = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-B", "ViT-L")))
+        raise LiftError(f"--model {model}: unknown open_clip model; CLIP ViTs include {vits}")
+    return name
+
+
+def clip_image_size(cfg: Config) -> int:
+    """The image size S of --model, from its open_clip config (no weights are loaded)."""
+    import open_clip
+    model_cfg = open_clip.get_model_config(open_clip_name(cfg.model))
+    if model_cfg is None:
+        raise LiftError(f"--model {cfg.model}: its image size is not known before loading it; pass --expand N (24 for 224)")
+    return int(np.atleast_1d(model_cfg["vision_cfg"]["image_size"])[0])
+
+
+def weights_file(cfg: Config, name: str) -> str:
+    """--pretrained that is no tag of the model must be a weights file."""
+    import open_clip
+    path = Path(cfg.pretrained).expanduser()
+    if not path.is_file():
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise LiftError(f"--pretrained {cfg.pretrained}: neither a pretrained tag of {name} ({tags}) nor a checkpoint file")
+    return str(path)
+
+
+def is_openai_release(path: str) -> bool:
+    """OpenAI ships its CLIP weights as TorchScript archives (ViT-B-16.pt)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_openai_release(name: str, path: str, quick_gelu: bool):
+    """OpenAI's own weight file is a TorchScript archive, which torch.load(weights_only=True) refuses: read it
+    with torch.jit.load, as OpenAI's loader does, and copy every tensor of the open_clip model (none missing)."""
+    import open_clip
+    archive = torch.jit.load(path, map_location="cpu").state_dict()  # also holds metadata scalars
+    clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    clip.load_state_dict({k: archive[k] for k in clip.state_dict() if k in archive}, strict=True)
+    return clip
+
+
+class weights_errors:
+    """Around building CLIP: offline, use only the local hub cache (fail in seconds), and turn any failure
+    into one line that says where to get the weights and how to pass them."""
+
+    def __init__(self, cfg: Config, name: str, tag_cfg: dict):
+        self.cfg, self.name, self.tag_cfg = cfg, name, tag_cfg
+
+    def __enter__(self):
+        import logging
+        import huggingface_hub.constants as hf_constants
+        self.hf, self.offline = hf_constants, hf_constants.HF_HUB_OFFLINE
+        if self.tag_cfg and not online("huggingface.co"):
+            hf_constants.HF_HUB_OFFLINE = True
+        logging.disable(logging.ERROR)                              # open_clip logs the failure we report
+
+    def __exit__(self, kind, e, tb):
+        import logging
+        logging.disable(logging.NOTSET)
+        self.hf.HF_HUB_OFFLINE = self.offline
+        if e is None or isinstance(e, (LiftError, KeyboardInterrupt)):
+            return False
+        first, tag = str(e).splitlines()[0] if str(e) else type(e).__name__, self.tag_cfg
+        if tag:
+            hub = tag.get("hf_hub", "").rstrip("/")
+            raise LiftError(
+                f"--pretrained {self.cfg.pretrained}: could not get the weights of {self.name} ({first[:200]}). "
+                f"Offline, download them elsewhere (https://huggingface.co/{hub}, or {tag.get('url') or 'the tag URL'}) "
+                "and pass the file: --pretrained /path/to/file" + (" (OpenAI weights: QuickGELU is detected for "
+                "OpenAI's .pt file; for a converted state dict add --quick-gelu yes)" if tag.get("quick_gelu") else "")) from None
+        raise LiftError(f"--pretrained {self.cfg.pretrained}: cannot load it into {self.name}: {first[:300]}") from None
+
+
 # ==========================================================================================
-# Without internet or a GPU there is no CLIP to fine-tune, so we make a small world in which the
-# whole story can be replayed on a laptop CPU in minutes:
+# APPENDIX C. The offline world: a tiny CLIP and a long-tailed task for a laptop CPU
+# Plugs into Part I at finalize_config (world_clip_files) and build_data (build_world_task).
+# Without internet or a GPU there is no CLIP to fine-tune, so this world replays the story in minutes:
 #   * images: coloured, textured shapes ("a photo of a red striped circle.") drawn from a seed;
 #   * pretraining: a tiny open_clip CLIP trained contrastively on a BALANCED, clean version of the
 #     world with captions (cached, so it runs once);
 #   * the downstream task: a long-tailed subset of the concepts (300 down to 3 training images per
 #     class) seen through a slightly different camera (more clutter and noise, a mild colour cast).
-# The shift is kept mild on purpose: relative to its task the tiny CLIP should be a STRONG foundation
-# model, as CLIP is for ImageNet-LT, because that is the regime Proposition 3.1 is about. Its tail
-# classes are told apart from the head by shape, which pretraining taught and which the head data
-# never needs (world_task_classes), so heavy fine-tuning on head-dominated data can lose it.
+# The shift is mild on purpose: the tiny CLIP should be a STRONG foundation model for its task, as CLIP
+# is for ImageNet-LT. Its tail classes differ from head classes by shape only, which pretraining taught
+# and the head data never needs (world_task_classes), so heavy fine-tuning on head data can lose it.
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "hexagon", "crescent")
 COLOURS = {"red": (0.85, 0.12, 0.12), "orange": (0.95, 0.55, 0.08), "yellow": (0.92, 0.88, 0.12),
@@ -1402,7 +1099,6 @@ class WorldStyle:
     noise: float             # std of per-pixel Gaussian noise
     camera: tuple = (1.0, 1.0, 1.0)  # fixed RGB gain of the whole domain (the task's "camera")
     contrast: float = 1.0    # fixed contrast around mid-grey
-    blur: int = 0            # passes of a [1, 2, 1] / 4 blur at the output resolution
 
 
 @dataclass(frozen=True)
@@ -1414,9 +1110,9 @@ class WorldSpec:
     max_count: int = 300               # head class training images
     imbalance: float = 100.0           # max_count / min_count (300 -> 3), exponential profile as in CIFAR-100-LT
     test_per_class: int = 40           # balanced test set
-    rare_shapes: int = 4               # shapes seen only in few-shot classes (0: classes drawn at random)
+    rare_shapes: int = 4               # shapes seen only in few-shot classes
     # the task's camera: the pretraining style with more clutter and noise and a mild, fixed colour cast;
-    # no blur, so textures stay visible and zero-shot is already good (a strong foundation model)
+    # textures stay visible, so zero-shot is already good (a strong foundation model)
     pretrain_style: WorldStyle = WorldStyle(radius=(0.45, 0.80), offset=0.3, rotation=20, colour_jitter=0.08,
                                             cast=0.05, clutter=1, noise=0.03)
     task_style: WorldStyle = WorldStyle(radius=(0.45, 0.80), offset=0.3, rotation=20, colour_jitter=0.08,
@@ -1425,12 +1121,14 @@ class WorldSpec:
     pretrain_epochs: int = 4
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
-    model: tuple = (("embed_dim", 128), ("quick_gelu", False),
-                    ("vision_cfg", (("image_size", 32), ("layers", 4), ("width", 128), ("head_width", 32), ("patch_size", 8))),
-                    ("text_cfg", (("context_length", 16), ("vocab_size", 49408), ("width", 128), ("heads", 4), ("layers", 3))))
 
 
-WORLDS = {"shapes_lt": WorldSpec()}
+
+WORLD = WorldSpec()
+WORLD_CLIP = {"embed_dim": 128, "quick_gelu": False,  # the world's tiny CLIP, an open_clip model config
+              "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}}
+WORLD_VERSION = 1  # raise it whenever the drawing or the pretraining code changes: it names the cached CLIP
 
 
 def world_concepts() -> list:
@@ -1507,14 +1205,13 @@ def render_images(concepts, style: WorldStyle, seed: int, size: int = 32, supers
         # camera: colour cast and sensor noise
         img = img * (1 + style.cast * rng.randn(3))
         img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # [size, size, 3]
-        for _ in range(style.blur):
-            img = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
-            img = (img[:-2] + 2 * img[1:-1] + img[2:]) / 4                    # [size, size + 2, 3]
-            img = (img[:, :-2] + 2 * img[:, 1:-1] + img[:, 2:]) / 4            # [size, size, 3]
         img = (0.5 + style.contrast * (img - 0.5)) * np.asarray(style.camera)
         img = img + style.noise * rng.randn(size, size, 3)
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+
 
 
 def world_task_classes(spec: WorldSpec) -> list:
@@ -1526,15 +1223,12 @@ def world_task_classes(spec: WorldSpec) -> list:
     differs from the head class "red dotted circle" only in its shape. As with a rare bird that
     resembles a common one, only a model that kept what pretraining taught about shape can tell the
     tail from the head. The world's CLIP has seen every concept."""
-    counts = world_counts(spec)
-    n_few = sum(n < 20 for n in counts)
+    n_few = sum(n < 20 for n in world_counts(spec))
     rng = np.random.RandomState(spec.seed)
     concepts = [world_concepts()[i] for i in rng.permutation(len(world_concepts()))]
-    if not spec.rare_shapes:
-        return concepts[:spec.num_classes]
     rare = SHAPES[len(SHAPES) - spec.rare_shapes:]
     common, looks = [], set()
-    for colour, texture, shape in concepts:           # one class per (colour, texture) look
+    for colour, texture, shape in concepts:                         # one class per (colour, texture) look
         if shape not in rare and (colour, texture) not in looks and len(common) < spec.num_classes - n_few:
             common.append((colour, texture, shape))
             looks.add((colour, texture))
@@ -1548,38 +1242,50 @@ def world_counts(spec: WorldSpec) -> list:
     return [int(spec.max_count * (1 / spec.imbalance) ** (i / (K - 1))) for i in range(K)]
 
 
-_WORLD_TASKS = {}  # WorldSpec -> LTData: the images are drawn once per process and world
+
+
+_WORLD_TASK = {}  # the images are drawn once per process
 
 
 def build_world_task(cfg: Config) -> LTData:
-    """The long-tailed downstream task of the world --data names: exponential training counts,
-    a balanced test set, both in the task style (train and test images drawn with different seeds)."""
-    spec = WORLDS[cfg.data]
-    if spec not in _WORLD_TASKS:
+    """The world's long-tailed task: exponential training counts, a balanced test set, both in the task
+    style (drawn with different seeds). Pretrains the world's CLIP first if its cache has none."""
+    spec = WORLD
+    if cfg.pretrained == world_clip_files(cfg)["pretrained"] and not Path(cfg.pretrained).is_file():
+        t0 = time.time()
+        atomic_torch_save(Path(cfg.pretrained), pretrain_world_clip(spec, open_clip_name(cfg.model), spec.seed).state_dict())
+        print(f"pretrained the world's CLIP in {time.time() - t0:.0f} s: {cfg.pretrained}")
+    if not _WORLD_TASK:
         classes, counts = world_task_classes(spec), world_counts(spec)
-        y_train = np.repeat(np.arange(len(classes)), counts)                 # [N_train]
-        y_test = np.repeat(np.arange(len(classes)), spec.test_per_class)     # [N_test]
+        y_train = np.repeat(np.arange(len(classes)), counts)        # [N_train]
+        y_test = np.repeat(np.arange(len(classes)), spec.test_per_class)  # [N_test]
         train = render_images([classes[y] for y in y_train], spec.task_style, spec.seed + 1, spec.image_size)
         test = render_images([classes[y] for y in y_test], spec.task_style, spec.seed + 2, spec.image_size)
-        _WORLD_TASKS[spec] = LTData(ArrayDataset(train, y_train), ArrayDataset(test, y_test),
-                                   [concept_name(c) for c in classes], np.asarray(counts))
-    return _WORLD_TASKS[spec]
-
-
-def as_dict(pairs):
-    """The model config of a WorldSpec (nested tuples, so the spec is hashable) as a JSON-ready dict."""
-    return {k: as_dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else v for k, v in pairs}
+        _WORLD_TASK["task"] = LTData(ImageSet(train, y_train), ImageSet(test, y_test),
+                                     [concept_name(c) for c in classes], np.asarray(counts))
+    return _WORLD_TASK["task"]
 
 
 def world_key(spec: WorldSpec) -> str:
-    """Cache key of the pretrained model: a hash of what changes it (the pretraining fields of the
-    spec, the drawing and training code, open_clip's version); the downstream task fields are not in it."""
-    import inspect
+    """Cache key of the world's pretrained CLIP: WORLD_VERSION, the spec's pretraining fields, its model
+    config and open_clip's version. The downstream task's fields are not in it."""
     import open_clip
-    code = "".join(inspect.getsource(f) for f in (shape_mask, texture_mask, render_images, pretrain_world_clip))
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k.startswith("pretrain") or k in ("seed", "image_size", "model")}
-    text = repr((fields, SHAPES, COLOURS, TEXTURES, CAPTIONS, code, open_clip.__version__))
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k.startswith("pretrain") or k in ("seed", "image_size")}
+    text = repr((WORLD_VERSION, fields, WORLD_CLIP, SHAPES, COLOURS, TEXTURES, CAPTIONS, open_clip.__version__))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def world_clip_files(cfg: Config) -> dict:
+    """--model / --pretrained of the world's CLIP (cache/world/<key>/), for the default model flags. The
+    config file is written here (its stem is open_clip's model name); the weights by build_world_task."""
+    key = world_key(WORLD)
+    if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(f"world-{key}.json"):
+        return {"model": cfg.model, "pretrained": cfg.pretrained}
+    folder = Path(cfg.cache).expanduser() / "world" / key
+    config_path = folder / f"world-{key}.json"
+    if not config_path.is_file():
+        atomic_write(config_path, json.dumps(WORLD_CLIP, indent=1).encode())
+    return {"model": str(config_path), "pretrained": str(folder / "clip.pt")}
 
 
 def clip_contrastive_loss(img, txt, logit_scale):
@@ -1611,7 +1317,7 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
                                             seed + 3, spec.image_size)).permute(0, 3, 1, 2)  # [N, 3, S, S]
     captions = [CAPTIONS[rng.randint(len(CAPTIONS))].format(concept_name(concepts[c])) for c in order.ravel()]
     tokens = tokenizer(captions)                                             # [N, context]
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in clip_mean_std(clip.visual))  # for uint8 images
+    mean, std = (torch.tensor(clip.visual.preprocess_cfg[k]).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))  # uint8 images
     B = spec.pretrain_batch
     rows = np.arange(len(images)).reshape(per, C)                           # image index of (round, concept slot)
     steps = spec.pretrain_epochs * (len(images) // B)
@@ -1644,90 +1350,384 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
     return clip.eval()
 
 
-def prepare_world_model(cfg: Config) -> None:
-    """For a world --data with the default model flags, point --model and --pretrained at the world's
-    tiny CLIP, pretraining and caching it first if needed (cache/world/<key>/)."""
-    if cfg.data not in WORLDS or (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai"):
-        return
-    spec = WORLDS[cfg.data]
-    key = world_key(spec)
-    folder = Path(cfg.cache).expanduser() / "world" / key
-    config_path = folder / f"world-{key}.json"                              # the file stem is open_clip's model name
-    ckpt_path = folder / "clip.pt"
-    if not config_path.is_file():
-        atomic_write_bytes(config_path, json.dumps(as_dict(spec.model), indent=1).encode())
-    if not ckpt_path.is_file():
-        t0 = time.time()
-        clip = pretrain_world_clip(spec, open_clip_name(str(config_path)), spec.seed)
-        save_checkpoint(ckpt_path, clip.state_dict())
-        print(f"pretrained the world's CLIP in {time.time() - t0:.0f} s: {ckpt_path}")
-    cfg.model, cfg.pretrained = str(config_path), str(ckpt_path)
+# ==========================================================================================
+# APPENDIX D. Speed: the same values, computed faster
+# Plugs into Part I at build_model (make_fast, on by default; --no-fast runs the taught path alone),
+# LiftViT.forward (class_token_block), read_image (decode_jpeg_fast) and fit (frozen_features).
+# Tests keep each equal to the taught path.
+
+
+class LeanQuickGELU(nn.Module):
+    """QuickGELU, x * sigmoid(1.702 x), keeping only x for the backward pass: autograd would keep x and
+    sigmoid(1.702 x), two [B, N, 4D] tensors per block; recomputing the sigmoid halves that memory."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * torch.sigmoid(1.702 * x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(1.702 * x)
+            return grad * (s + 1.702 * x * s * (1.0 - s))
+
+    def forward(self, x):
+        return self.Function.apply(x)
+
+
+def make_fast(model: LiftModel):
+    """Swap OpenAI's QuickGELU modules for LeanQuickGELU and compute only the class token in the last block."""
+    for module in list(model.encoder.visual.modules()):
+        for name, child in module.named_children():
+            if type(child).__name__ == "QuickGELU":
+                setattr(module, name, LeanQuickGELU())
+    model.encoder.fast = True
+
+
+def class_token_block(enc: LiftViT, i: int, blk, x):
+    """The last block for the class token alone: only its output is used downstream, so only its query,
+    MLP and AdaptFormer run; keys and values still come from every token. About 1/13 fewer FLOPs."""
+    y = blk.ln_1(x)                                                 # [B, N, D]
+    h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))          # [B, 1, D]
+    return h + enc.mlp_branch(i, blk, h)
+
+
+def decode_jpeg_fast(raw: bytes):
+    """A JPEG decoded by libjpeg-turbo through torchvision into uint8 [3, H, W] (the same pixels as PIL,
+    faster); None for any other file, or a JPEG it cannot decode, which PIL then reads."""
+    if raw[:2] != b"\xff\xd8":
+        return None
+    import warnings
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+
+
+def amp_dtype(cfg: Config, device: torch.device):
+    """bf16 autocast where the GPU supports it, else fp16 (with a gradient scaler); fp32 on CPU.
+    Autocast keeps LayerNorm in fp32, as LIFT+ does."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+
+def frozen_features(model: LiftModel, data: LTData, cfg: Config) -> tuple:
+    """--cache-features: with a frozen backbone (--tuning classifier) the features of fixed centre views are
+    computed once, and only the classifier trains on them (no MDA crops)."""
+    S = model.image_size
+    return extract_features(model, Views(data.train, EvalTransform(S, S, False)), cfg)
 
 
 # ==========================================================================================
-# 10. Main
-# ==========================================================================================
+# APPENDIX E. Reliability: every input checked, checkpoints and exact resume, run files
+# Plugs into Part I at finalize_config (check_flags), read_image (to_rgb_array), build_data
+# (build_folder), build_model (check_vit), train (resume, save_checkpoint, Progress), fit
+# (pick_device, describe_tuning, load_tuned), evaluate (write_results) and main (clean_exit).
 
 
-def run(cfg: Config) -> dict:
-    """Build data and model, train (unless --eval-only or zeroshot), evaluate, write results.json."""
-    device = pick_device(cfg)
-    data = build_data(cfg)
-    print(summarize_data(data, cfg.data))
-    model, info = build_model(cfg, data, device)
-    if cfg.expand is None:  # the paper's 24 pixels at 224, scaled to this model's image size
-        cfg.expand = round(24 * info["image_size"] / 224)
+class LiftError(Exception):
+    """Bad input: the message names the flag or file and what was expected."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                       # one line naming the flag, no usage block
+        raise LiftError(message.replace("argument ", "", 1))
+
+
+def parse_config(argv=None) -> Config:
+    """Flags are Config's fields with dashes; --help shows each field's doc."""
+    parser = Parser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        doc = f.metadata["help"] + ("" if f.default is None or "default" in f.metadata["help"] else f" (default: {f.default})")
+        if f.type == "bool":
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        else:
+            kind = int if "int" in f.type else float if "float" in f.type else str
+            parser.add_argument(flag(f.name), type=kind, default=f.default, help=doc, choices=f.metadata.get("choices"))
+    return finalize_config(Config(**vars(parser.parse_args(argv))))
+
+
+def check_value(f: dataclasses.Field, value):
+    """Refuse a value outside the field's choices or range, NaN and inf included."""
+    m = f.metadata
+    if "choices" in m and value not in m["choices"]:
+        raise LiftError(f"{flag(f.name)}: expected one of {', '.join(m['choices'])}, got '{value}'")
+    if "low" in m and value is not None:
+        lo, hi, open_lo, open_hi = m["low"], m.get("high"), m.get("open_low"), m.get("open_high")
+        ok = math.isfinite(value) and (value > lo if open_lo else value >= lo)
+        if not ok or hi is not None and not (value < hi if open_hi else value <= hi):
+            kind = "an integer" if "int" in f.type else "a number"
+            span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}" if hi is not None else f"{'>' if open_lo else '>='} {lo}"
+            raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
+
+
+def check_flags(cfg: Config):
+    """Every value in its range, and no flag that this combination would ignore."""
+    for f in dataclasses.fields(cfg):
+        check_value(f, getattr(cfg, f.name))
+    t = cfg.tuning
+    if "{}" not in cfg.prompt:
+        raise LiftError(f"--prompt '{cfg.prompt}': the template needs {{}} where the class name goes")
+    if cfg.batch_size % cfg.accum_steps:
+        raise LiftError(f"--batch-size {cfg.batch_size} is not divisible by --accum-steps {cfg.accum_steps}")
+    needs = {"adapter_dim": ("adaptformer", "adapter"), "lora_rank": ("lora",), "vpt_len": ("vpt",),
+             "partial_blocks": ("partial",), "mask_ratio": ("mask",), "cache_features": ("classifier",)}
+    for name, methods in needs.items():
+        if getattr(cfg, name) not in (None, False) and t not in methods:
+            raise LiftError(f"{flag(name)} applies to --tuning {' / '.join(methods)} only, not --tuning {t}")
+    if cfg.blocks is not None and t in ("classifier", "zeroshot", "partial"):
+        raise LiftError(f"--blocks: --tuning {t} tunes no vision blocks by index" + (" (use --partial-blocks)" if t == "partial" else ""))
+    if t == "zeroshot" and cfg.init != "semantic":
+        raise LiftError(f"--init {cfg.init}: zero-shot classifies with the text prompts; drop --init")
+    if cfg.checkpoint is not None and not cfg.eval_only:
+        raise LiftError("--checkpoint is read by --eval-only only; to continue a training run use --resume")
+    if cfg.eval_only and cfg.checkpoint is None and t != "zeroshot":
+        raise LiftError("--eval-only needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
+    if cfg.eval_only and cfg.resume:
+        raise LiftError("--eval-only and --resume exclude each other: --resume continues training")
+
+
+def check_vit(visual, cfg: Config):
+    """LIFT+ plugs into the blocks of a CLIP ViT with a class token: refuse anything else clearly."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    if not isinstance(visual, VisionTransformer):
+        raise LiftError(f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower (e.g. ViT-B-16); "
+                        f"this model's is {type(visual).__name__}")
+    blocks = visual.transformer.resblocks
+    if (getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok"
+            or not isinstance(visual.patch_dropout, nn.Identity)
+            or not all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in blocks)):
+        raise LiftError(f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported")
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
+    return device
+
+
+def to_rgb_array(im: Image.Image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an opened image (PIL's convert('RGB'), as torchvision's image loader)."""
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+
+
+def build_folder(cfg: Config) -> LTData:
+    """A user's own task: <data>/train/<class>/* and <data>/test/<class>/*; the class is the folder name."""
+    root = Path(cfg.data)
+    if not root.is_dir():
+        known = "imagenet_lt, places_lt, inat2018, cifar100_ir100, cifar100_ir50, cifar100_ir10, shapes_lt"
+        if os.sep in cfg.data:
+            raise LiftError(f"--data {cfg.data}: no such folder")
+        raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise LiftError(f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
+                            f"{root / split} is missing")
+    classnames = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classnames:
+        raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
+    index = {c: i for i, c in enumerate(classnames)}
+    sets = {}
+    for split in ("train", "test"):
+        paths, labels = [], []
+        for d in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            if d.name not in index:
+                raise LiftError(f"{d}: class '{d.name}' has no training folder {root / 'train' / d.name}")
+            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += [str(p) for p in files]
+            labels += [index[d.name]] * len(files)
+        if not paths:
+            raise LiftError(f"{root / split}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+        sets[split] = ImageSet(paths, labels)
+    counts = np.bincount(sets["train"].labels, minlength=len(classnames))
+    if (counts == 0).any():
+        raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(np.asarray(classnames)[counts == 0][:5])}")
+    return LTData(sets["train"], sets["test"], classnames, counts)
+
+
+def summarize_data(data: LTData, name: str) -> str:
+    n, g = data.train_counts, class_groups(data.train_counts)
+    return "\n".join([
+        f"dataset {name}: {data.num_classes} classes, {len(data.train)} train / {len(data.test)} test images",
+        f"  per class: max {n.max()}, min {n.min()}, imbalance ratio {n.max() / max(n.min(), 1):.1f}",
+        f"  groups: many (>100) {len(g['many'])}, medium (20-100) {len(g['medium'])}, few (<20) {len(g['few'])} classes"])
+
+
+def count_params(model: LiftModel) -> dict:
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = model.head.weight.numel() if model.head.weight.requires_grad else 0
+    return {"method": tuned - head, "classifier": head, "tuned": tuned, "image_encoder": model.encoder_params}
+
+
+def describe_tuning(model: LiftModel) -> str:
     params = count_params(model)
     share = lambda n: f"{100 * n / params['image_encoder']:.2f}%"
-    sizes = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("tuning", "blocks"))
-    print(f"tuning {cfg.tuning}: {params['method']:,} method + {params['classifier']:,} classifier parameters tuned "
-          f"({share(params['method'])} + {share(params['classifier'])} of the {params['image_encoder']:,}-parameter "
-          f"image encoder); {sizes}")
-    run_dir = Path(cfg.out) / cfg.run_name
-    losses = []
-    if cfg.eval_only and cfg.checkpoint:
-        state = load_checkpoint(cfg.checkpoint, checkpoint_identity(cfg, data, info))
-        load_tuned(model, state["tuned"], cfg.checkpoint)
-        losses, run_dir = list(state["train_loss"]), Path(cfg.checkpoint).parent
-    elif not cfg.eval_only and cfg.tuning != "zeroshot":
-        features = None
-        if cfg.cache_features:  # the backbone is frozen: run it once, not once per epoch
-            features = extract_features(model, Views(data.train, InitTransform(info["image_size"])), cfg, device)
-        losses = train(cfg, data, model, info, device, run_dir, features)
-    test_set = Views(data.test, EvalTransform(info["image_size"], cfg.tte, cfg.expand))
-    logits, labels = predict(model, test_set, cfg, device)
-    report = accuracy_report(logits.argmax(dim=1).numpy(), labels.numpy(), data.train_counts)
-    print(f"test ({'TTE: five crops of the resize to ' + str(info['image_size'] + cfg.expand) if cfg.tte else 'centre crop'})")
-    print(format_report(report))
-    # a re-evaluation (--eval-only) sits beside the training run's results.json instead of replacing it
-    name = "results.json" if not cfg.eval_only else f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
-    write_results(run_dir / name, cfg, report, data, params, losses)
-    print(f"wrote {run_dir / name}")
-    return report
+    sizes = ", ".join(f"{k}={v}" for k, v in model.sizes.items() if k not in ("tuning", "blocks"))
+    return (f"tuning {model.sizes['tuning']}: {params['method']:,} method + {params['classifier']:,} classifier parameters "
+            f"tuned ({share(params['method'])} + {share(params['classifier'])} of the {params['image_encoder']:,}-parameter "
+            f"image encoder); {sizes}")
 
 
-def clean_message(e: Exception) -> str:
-    """An error raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its last line."""
-    msg = str(e).strip()
-    if "Original Traceback" in msg:
-        msg = msg.splitlines()[-1].split("LiftError: ", 1)[-1]
-    return msg
+def run_folder(cfg: Config) -> Path:
+    """Where a run writes: --out/--run-name; an --eval-only run writes beside its checkpoint."""
+    return Path(cfg.checkpoint).parent if cfg.eval_only and cfg.checkpoint else Path(cfg.out) / cfg.run_name
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["table"]:  # python lift_plus.py table runs/  ->  one Markdown table of all results.json
-        print(results_table(argv[1] if len(argv) > 1 else "runs"))
-        return
+def atomic_write(path: Path, payload: bytes):
+    """Write a temporary file in the same folder, then rename it: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(path: Path, obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def tuned_state(model: nn.Module) -> dict:
+    """What a checkpoint holds: the tuned parameters (and random-mask indices), never frozen CLIP."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.cpu().clone() for n, b in model.named_buffers() if n.endswith(".index")})
+    return state
+
+
+def checkpoint_identity(cfg: Config, data: LTData, model: LiftModel) -> dict:
+    """What a checkpoint must agree on with the run that loads it."""
+    return {"model": cfg.model, "tuning": cfg.tuning, "num_classes": data.num_classes,
+            "classes": hashlib.sha1("\n".join(data.classnames).encode()).hexdigest(), "method": model.sizes}
+
+
+def save_checkpoint(path: Path, cfg, data, model, opt, sched, scaler, epoch: int, losses: list):
+    atomic_torch_save(path, {
+        "identity": checkpoint_identity(cfg, data, model), "config": dataclasses.asdict(cfg), "epoch": epoch,
+        "train_loss": losses, "tuned": tuned_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state()})
+
+
+def read_checkpoint(path, cfg: Config, data: LTData, model: LiftModel) -> dict:
+    """torch.load with weights_only=True, refusing a checkpoint of another model or task, then the tuned
+    parameters copied into the model."""
     try:
-        run(parse_config(argv))
-    except LiftError as e:
-        print(f"error: {clean_message(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is in the run folder's checkpoint.pt; continue with --resume",
-              file=sys.stderr)
-        sys.exit(130)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LiftError(f"--checkpoint {path}: no such file") from None
+    except Exception as e:
+        raise LiftError(f"checkpoint {path}: cannot be read ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "identity" not in state or "tuned" not in state:
+        raise LiftError(f"checkpoint {path}: not a lift_plus checkpoint")
+    ours, theirs = checkpoint_identity(cfg, data, model), state["identity"]
+    wrong = [k for k in ours if theirs.get(k) != ours[k]]
+    if wrong:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in wrong if k != "classes")
+        raise LiftError(f"checkpoint {path} does not match this run ({detail}{'; the class names differ' if 'classes' in wrong else ''})")
+    own, tuned = tuned_state(model), state["tuned"]
+    if set(own) != set(tuned) or any(own[k].shape != tuned[k].shape for k in own):
+        raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
+    with torch.no_grad():
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        for k, v in tuned.items():
+            (params[k] if k in params else buffers[k]).copy_(v)
+    return state
+
+
+def load_tuned(model: LiftModel, cfg: Config, data: LTData, path) -> list:
+    """--eval-only: the checkpoint's tuned parameters; returns its per-epoch training losses."""
+    return list(read_checkpoint(path, cfg, data, model)["train_loss"])
+
+
+def resume(cfg: Config, data: LTData, model: LiftModel, opt, sched, scaler, run_dir: Path) -> tuple:
+    """(first epoch, losses so far): 0 and [] for a new run, or the state of the run folder's checkpoint
+    with --resume, restored exactly: tuned parameters, optimiser, schedule, scaler and RNG."""
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return 0, []
+    if not cfg.resume:
+        raise LiftError(f"{path} exists: pass --resume to continue that run, or --run-name NAME for a new one")
+    state = read_checkpoint(path, cfg, data, model)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    print(f"resuming {path} after epoch {state['epoch']}/{cfg.epochs}")
+    return state["epoch"], list(state["train_loss"])
+
+
+class Progress:
+    """A progress line every --log-every optimiser steps and at the end of each epoch."""
+
+    def __init__(self, cfg: Config, steps: int):
+        self.cfg, self.steps, self.t0, self.done = cfg, steps, time.time(), 0
+
+    def step(self, epoch: int, step: int, last: bool, loss, lr: float):
+        self.done += 1
+        if (step + 1) % self.cfg.log_every and not last:
+            return
+        rate = self.done / (time.time() - self.t0)
+        eta = ((self.cfg.epochs - epoch) * self.steps - step - 1) / max(rate, 1e-9)
+        print(f"epoch {epoch + 1}/{self.cfg.epochs} step {step + 1}/{self.steps} loss {loss():.4f} lr {lr:.5f} "
+              f"{rate * self.cfg.batch_size:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
+    """results.json (strict JSON: null for a group without test images). A re-evaluation (--eval-only)
+    sits beside the training run's results.json instead of replacing it."""
+    name = "results.json" if not cfg.eval_only else f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
+    results = {"config": dataclasses.asdict(cfg), "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
+               "params": count_params(model), "train_loss": model.train_loss, "classnames": list(data.classnames),
+               "train_counts": [int(n) for n in data.train_counts], "per_class_accuracy": report["per_class"]}
+    atomic_write(run_folder(cfg) / name, json.dumps(results, indent=1, allow_nan=False).encode())
+    print(f"wrote {run_folder(cfg) / name}")
+
+
+class clean_exit:
+    """Bad input and interrupts end with one line on stderr: exit 2 and 130, no traceback."""
+
+    def __enter__(self):
+        self.cfg = None
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, LiftError):
+            msg = str(e).strip()
+            if "Original Traceback" in msg:                         # raised in a DataLoader worker: keep its last line
+                msg = msg.splitlines()[-1].split("LiftError: ", 1)[-1]
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, KeyboardInterrupt):
+            ckpt = run_folder(self.cfg) / "checkpoint.pt" if self.cfg else None
+            hint = f"; the last finished epoch is in {ckpt}: continue with --resume" if ckpt and ckpt.exists() else ""
+            print(f"\ninterrupted{hint}", file=sys.stderr)
+            sys.exit(130)
+        return False
 
 
 if __name__ == "__main__":
