@@ -1,7 +1,6 @@
 """LIFT+: Lightweight Fine-Tuning for Long-Tail Learning, in one file.
 
 Shi, Wei, Li, "LIFT+: Lightweight Fine-Tuning for Long-Tail Learning", arXiv 2504.13282.
-
 Heavy fine-tuning of a foundation model on long-tailed data makes the train and test class-conditional
 feature distributions of the tail classes disagree, which biases predictions toward the head classes
 (Proposition 3.1). LIFT+ keeps CLIP frozen and tunes < 1 % of its parameters for a few epochs:
@@ -35,17 +34,21 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
+if __name__ == "__main__":  # Ctrl-C while torch loads ends in one line too, as in every later phase (clean_exit)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("\ninterrupted while starting: nothing to resume", file=sys.stderr) or 130))
+
+import numpy as np  # noqa: E402 (below the guard)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # ==========================================================================================
 # PART I. LIFT+, in the order it runs
@@ -106,6 +109,7 @@ class Config:
     cache_features: bool = arg(False, "Appendix D, --tuning classifier: frozen features of centre views computed once (no MDA)")
     seed: int = arg(0, "seed of the model init, the data order and the crops", low=0, high=2 ** 31 - 1)
     log_every: int = arg(50, "print a progress line every this many optimiser steps", low=1)
+    check: bool = arg(False, "check every input, the weights and the run folder, print the summary and exit (seconds)")
 
 
 def finalize_config(cfg: Config) -> Config:
@@ -121,7 +125,7 @@ def finalize_config(cfg: Config) -> Config:
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
                    expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
                    workers=min(8, os.cpu_count() or 1),
-                   run_name=f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
+                   run_name=None if cfg.eval_only else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
     return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
 
 
@@ -171,7 +175,7 @@ def read_image(path) -> torch.Tensor:
 def read_split_list(path, root, num_classes=None):
     """Parse a "relative/path label" split list; a bad line is reported as file:line."""
     paths, labels = [], []
-    with open(path) as f:
+    with open(path, errors="surrogateescape") as f:                 # file names are bytes: keep them as they are
         for lineno, parts in ((i, line.split()) for i, line in enumerate(f, 1) if line.strip()):
             if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
                 raise LiftError(f"{path}:{lineno}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'")
@@ -427,15 +431,14 @@ class CosineClassifier(nn.Module):
 
 
 class LiftModel(nn.Module):
-    """uint8 images -> CLIP's normalisation -> LiftViT feature -> cosine classifier.
-    Zero-shot CLIP (Appendix A) classifies the projected feature with the text features instead."""
+    """uint8 images -> CLIP's normalisation -> LiftViT feature -> cosine classifier."""
 
     def __init__(self, visual, mean, std, num_classes: int, scale: float, zeroshot: bool = False):
         super().__init__()
         self.encoder = LiftViT(visual)
         self.encoder_params = sum(p.numel() for p in visual.parameters())  # CLIP's own, before any method attaches
         self.image_size = int(np.atleast_1d(visual.image_size)[0])  # S
-        self.zeroshot = zeroshot
+        self.zeroshot = zeroshot                                    # zero-shot CLIP: the projected feature vs the text
         self.head = CosineClassifier(torch.zeros(num_classes, visual.output_dim if zeroshot else self.encoder.width), scale)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -497,8 +500,7 @@ def load_clip(cfg: Config):
 
 
 def size_rule(num_classes: int, num_blocks: int, divisor: int) -> int:
-    """The paper's size rule 2 ** max(0, floor(log2(K / (divisor * L)))): divisor 2 gives AdaptFormer's
-    bottleneck r (32 for ImageNet-LT), 4 the LoRA rank, 1 the VPT length."""
+    """2 ** max(0, floor(log2(K / (divisor L)))): AdaptFormer's r (divisor 2; 32 on ImageNet-LT), LoRA's rank (4), VPT's length (1)."""
     return 2 ** max(0, math.floor(math.log2(num_classes / (divisor * num_blocks))))
 
 
@@ -608,14 +610,14 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
 
 def fit(cfg: Config) -> tuple:
     """Build the task and the model, then train it (or, with --eval-only, load --checkpoint): (data, model)."""
-    device = pick_device(cfg)                                       # Appendix E: a device that exists
+    device = prepare_run(cfg)                                       # Appendix E: device, run folder, lock
     data = build_data(cfg)
     print(summarize_data(data, cfg.data))
     model = build_model(cfg, data, device)
     print(describe_tuning(model))
     if cfg.eval_only and cfg.checkpoint:
         model.train_loss = load_tuned(model, cfg, data, cfg.checkpoint)  # Appendix E: identity checked
-    elif not cfg.eval_only and cfg.tuning != "zeroshot":
+    elif not (cfg.eval_only or cfg.check) and cfg.tuning != "zeroshot":
         features = frozen_features(model, data, cfg) if cfg.cache_features else None  # Appendix D
         model.train_loss = train(cfg, data, model, run_folder(cfg), features)
     return data, model
@@ -632,9 +634,8 @@ def class_groups(train_counts) -> dict:
 
 
 def tte_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """Mean of the logits of the V views of each image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE).
-    The views run as V passes of B images: the same values as one pass of B V, a V times smaller working set."""
-    B, V = views.shape[:2]
+    """Mean of the logits of the V views of each image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE)."""
+    B, V = views.shape[:2]                                          # V passes of B images: a V times smaller working set
     logits = torch.cat([model(chunk) for chunk in views.flatten(0, 1).split(B)]).float()  # [B V, K]
     return logits.view(B, V, -1).mean(dim=1)
 
@@ -689,10 +690,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["table"]:                                       # Appendix A: python lift_plus.py table runs/
         return print(results_table(argv[1] if len(argv) > 1 else "runs"))
-    with clean_exit() as session:                                            # Appendix E: one line for every error and interrupt
+    with clean_exit() as session:                                   # Appendix E: one line for every error and interrupt
         cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
         data, model = fit(cfg)
-        evaluate(cfg, data, model)
+        (check_inputs if cfg.check else evaluate)(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
 
 
 
@@ -1427,10 +1428,11 @@ def frozen_features(model: LiftModel, data: LTData, cfg: Config) -> tuple:
 
 
 # ==========================================================================================
-# APPENDIX E. Reliability: every input checked, checkpoints and exact resume, run files
+# APPENDIX E. Reliability: every input checked, checkpoints and exact resume, the run's files
 # Plugs into Part I at finalize_config (check_flags), read_image (to_rgb_array), build_data
 # (build_folder), build_model (check_vit), train (resume, save_checkpoint, Progress), fit
-# (pick_device, describe_tuning, load_tuned), evaluate (write_results) and main (clean_exit).
+# (prepare_run, summarize_data, describe_tuning, load_tuned), evaluate (write_results) and main
+# (parse_config, check_inputs, clean_exit). Bad input ends in one line that names the flag or file.
 
 
 class LiftError(Exception):
@@ -1473,11 +1475,14 @@ def check_value(f: dataclasses.Field, value):
             raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
 
 
+BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
+
+
 def check_flags(cfg: Config):
-    """Every value in its range, and no flag that this combination would ignore."""
+    """Every value in its range, and no flag that this combination would silently ignore."""
     for f in dataclasses.fields(cfg):
         check_value(f, getattr(cfg, f.name))
-    t = cfg.tuning
+    t, default = cfg.tuning, Config()
     if "{}" not in cfg.prompt:
         raise LiftError(f"--prompt '{cfg.prompt}': the template needs {{}} where the class name goes")
     if cfg.batch_size % cfg.accum_steps:
@@ -1487,16 +1492,27 @@ def check_flags(cfg: Config):
     for name, methods in needs.items():
         if getattr(cfg, name) not in (None, False) and t not in methods:
             raise LiftError(f"{flag(name)} applies to --tuning {' / '.join(methods)} only, not --tuning {t}")
-    if cfg.blocks is not None and t in ("classifier", "zeroshot", "partial"):
-        raise LiftError(f"--blocks: --tuning {t} tunes no vision blocks by index" + (" (use --partial-blocks)" if t == "partial" else ""))
-    if t == "zeroshot" and cfg.init != "semantic":
-        raise LiftError(f"--init {cfg.init}: zero-shot classifies with the text prompts; drop --init")
-    if cfg.checkpoint is not None and not cfg.eval_only:
-        raise LiftError("--checkpoint is read by --eval-only only; to continue a training run use --resume")
+    ignored = [  # (flag given, why it would have no effect)
+        (cfg.blocks is not None and t in ("classifier", "zeroshot", "partial"), "--blocks", f"--tuning {t} tunes no vision blocks by index"
+         + (" (use --partial-blocks)" if t == "partial" else "")),
+        (t == "zeroshot" and cfg.init != "semantic", f"--init {cfg.init}", "zero-shot classifies with the text prompts; drop --init"),
+        (cfg.prompt != default.prompt and cfg.init != "semantic" and t != "zeroshot", "--prompt", f"--init {cfg.init} uses no prompt"),
+        (cfg.tau != default.tau and cfg.loss == "ce", "--tau", "--loss ce has no logit adjustment (use --loss la)"),
+        (cfg.min_scale != default.min_scale and cfg.mda == "max", "--min-scale", "--mda max crops the largest square every epoch"),
+        (cfg.expand is not None and not cfg.tte, "--expand", "--no-tte resizes to S + S // 7 and takes the centre crop"),
+        (cfg.splits is not None and cfg.data not in BENCHMARKS, "--splits", f"--data {cfg.data} has no split lists"),
+        (cfg.root != default.root and (cfg.data == "shapes_lt" or os.sep in cfg.data), "--root", f"--data {cfg.data} needs no image root"),
+        (cfg.amp in ("bf16", "fp16") and cfg.device == "cpu", f"--amp {cfg.amp}", "mixed precision runs on GPUs only"),
+        (cfg.checkpoint is not None and not cfg.eval_only, "--checkpoint", "it is read by --eval-only only; to continue a training run use --resume"),
+        (cfg.eval_only and cfg.resume, "--resume", "--eval-only trains nothing to continue"),
+        (cfg.eval_only and cfg.checkpoint and (cfg.run_name is not None or cfg.out != default.out), "--out / --run-name",
+         "--eval-only writes its results beside --checkpoint"),
+    ]
+    for given, name, why in ignored:
+        if given:
+            raise LiftError(f"{name}: {why}")
     if cfg.eval_only and cfg.checkpoint is None and t != "zeroshot":
         raise LiftError("--eval-only needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
-    if cfg.eval_only and cfg.resume:
-        raise LiftError("--eval-only and --resume exclude each other: --resume continues training")
 
 
 def check_vit(visual, cfg: Config):
@@ -1512,31 +1528,59 @@ def check_vit(visual, cfg: Config):
         raise LiftError(f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported")
 
 
-def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
-    return device
-
-
 def to_rgb_array(im: Image.Image) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an opened image (PIL's convert('RGB'), as torchvision's image loader)."""
+    """RGB uint8 [H, W, 3] of an opened image: PIL's convert('RGB'), as torchvision's and the LIFT+ code's
+    loaders (alpha dropped, no EXIF rotation, the first frame of an animation), except where it is
+    wrong: 16-bit samples are scaled to 8 bits (convert clips them at 255). Samples of 32-bit integers
+    or floats have no 8-bit range: refused."""
+    im.load()                                                       # a truncated file fails here
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.uint32)                         # [H, W] in 0..65535
+        return np.repeat(((a * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} samples have no 8-bit range; "
+                         "convert the file to an 8-bit image")
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")                                     # palette transparency, without PIL's warning
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
+def entries(folder: Path, notes: dict) -> tuple:
+    """(sub-folders, image files) of a folder, sorted; hidden and tool entries (.*, __MACOSX) and files
+    without an image extension are skipped and counted in notes."""
+    dirs, files = [], []
+    for p in sorted(folder.iterdir()):
+        what = ("hidden or tool entries" if p.name.startswith(".") or p.name == "__MACOSX" else None if p.is_dir()
+                or p.suffix.lower() in IMAGE_EXTENSIONS else "files without an image extension")
+        if what:
+            notes[what] = notes.get(what, 0) + 1
+        else:
+            (dirs if p.is_dir() else files).append(p)
+    return dirs, files
+
+
+def list_images(folder: Path, notes: dict) -> list:
+    """The image files under a class folder at any depth (as torchvision's ImageFolder), sorted; symbolic
+    links are followed, each real folder once."""
+    found, seen, stack = [], set(), [folder]
+    while stack:
+        d = stack.pop()
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            dirs, files = entries(d, notes)
+            stack += dirs
+            found += files
+    return sorted(found)
+
+
 def build_folder(cfg: Config) -> LTData:
-    """A user's own task: <data>/train/<class>/* and <data>/test/<class>/*; the class is the folder name."""
+    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/...; the class is the folder name."""
     root = Path(cfg.data)
     if not root.is_dir():
-        known = "imagenet_lt, places_lt, inat2018, cifar100_ir100, cifar100_ir50, cifar100_ir10, shapes_lt"
+        known = ", ".join([*BENCHMARKS, "cifar100_ir100", "cifar100_ir50", "cifar100_ir10", "shapes_lt"])
         if os.sep in cfg.data:
             raise LiftError(f"--data {cfg.data}: no such folder")
         raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/")
@@ -1544,17 +1588,25 @@ def build_folder(cfg: Config) -> LTData:
         if not (root / split).is_dir():
             raise LiftError(f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
                             f"{root / split} is missing")
-    classnames = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    index, notes, sets = {}, {}, {}
+    classnames = [d.name for d in entries(root / "train", {})[0]]
     if not classnames:
         raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
-    index = {c: i for i, c in enumerate(classnames)}
-    sets = {}
+    for name in classnames:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LiftError(f"{root / 'train'}: the class folder name {name.encode('utf-8', 'surrogateescape')!r} is not "
+                            f"UTF-8; rename it (class names become text prompts)") from None
+    index.update({c: i for i, c in enumerate(classnames)})
     for split in ("train", "test"):
         paths, labels = [], []
-        for d in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+        dirs, loose = entries(root / split, notes)
+        notes["images outside class folders skipped"] = notes.get("images outside class folders skipped", 0) + len(loose)
+        for d in dirs:
             if d.name not in index:
                 raise LiftError(f"{d}: class '{d.name}' has no training folder {root / 'train' / d.name}")
-            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = list_images(d, notes)
             paths += [str(p) for p in files]
             labels += [index[d.name]] * len(files)
         if not paths:
@@ -1563,7 +1615,34 @@ def build_folder(cfg: Config) -> LTData:
     counts = np.bincount(sets["train"].labels, minlength=len(classnames))
     if (counts == 0).any():
         raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(np.asarray(classnames)[counts == 0][:5])}")
-    return LTData(sets["train"], sets["test"], classnames, counts)
+    data = LTData(sets["train"], sets["test"], classnames, counts)
+    data.notes = [f"{n} {what} skipped" if "skipped" not in what else f"{n} {what}" for what, n in sorted(notes.items()) if n]
+    return data
+
+
+def audit(data: LTData) -> list:
+    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both
+    splits, classes without test or training images. An image listed under two labels is refused."""
+    notes, seen = list(getattr(data, "notes", [])), {}
+    for split, images in (("train", data.train), ("test", data.test)):
+        if not isinstance(images.images, list):
+            continue
+        first, repeats = {}, 0
+        for path, y in zip(images.images, images.labels):
+            if first.setdefault(path, y) != y:
+                raise LiftError(f"{split} image {path} is listed under two labels, {first[path]} and {y}")
+        repeats = len(images.images) - len(first)
+        seen[split] = first
+        if repeats:
+            notes.append(f"{repeats} {split} entries repeat an earlier entry of the same image and label (kept, as listed)")
+    if len(seen) == 2 and (both := len(seen["train"].keys() & seen["test"].keys())):
+        notes.append(f"{both} test images are also training images")
+    tested = np.bincount(data.test.labels, minlength=data.num_classes)
+    if (n := int(((tested == 0) & (data.train_counts > 0)).sum())):
+        notes.append(f"{n} classes have no test image (no accuracy for them; left out of the group means)")
+    if (n := int((data.train_counts == 0).sum())):
+        notes.append(f"{n} classes have no training image")
+    return notes
 
 
 def summarize_data(data: LTData, name: str) -> str:
@@ -1571,7 +1650,8 @@ def summarize_data(data: LTData, name: str) -> str:
     return "\n".join([
         f"dataset {name}: {data.num_classes} classes, {len(data.train)} train / {len(data.test)} test images",
         f"  per class: max {n.max()}, min {n.min()}, imbalance ratio {n.max() / max(n.min(), 1):.1f}",
-        f"  groups: many (>100) {len(g['many'])}, medium (20-100) {len(g['medium'])}, few (<20) {len(g['few'])} classes"])
+        f"  groups: many (>100) {len(g['many'])}, medium (20-100) {len(g['medium'])}, few (<20) {len(g['few'])} classes",
+        *(f"  note: {note}" for note in audit(data))])
 
 
 def count_params(model: LiftModel) -> dict:
@@ -1594,16 +1674,86 @@ def run_folder(cfg: Config) -> Path:
     return Path(cfg.checkpoint).parent if cfg.eval_only and cfg.checkpoint else Path(cfg.out) / cfg.run_name
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def prepare_run(cfg: Config) -> torch.device:
+    """Before anything is built: the device exists; the run folder is a writable folder that no other live
+    run holds (a lock file with stale-lock detection); --resume has a checkpoint to continue and a new
+    run none to overwrite; temporary files of killed writes are removed. Returns the device."""
+    import socket
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
+    if cfg.eval_only:
+        if not Path(cfg.checkpoint or ".").exists():
+            raise LiftError(f"--checkpoint {cfg.checkpoint}: no such file")
+        return device
+    folder = run_folder(cfg)
+    if folder.exists() and not folder.is_dir():
+        raise LiftError(f"--out / --run-name: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LiftError(f"--out / --run-name: cannot write in {folder} ({e.strerror})") from None
+    me, lock = f"{os.getpid()} {socket.gethostname()}", folder / "lock"
+    for _ in range(2):
+        try:
+            with open(lock, "x") as f:
+                f.write(me)
+            import atexit
+            atexit.register(lambda: lock.exists() and lock.read_text() == me and lock.unlink())
+            break
+        except FileExistsError:
+            pid, _, host = lock.read_text().partition(" ")
+            if lock.read_text() == me:                              # this process took it (an earlier run in it)
+                break
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)                        # stale: its run is gone
+                continue
+            raise LiftError(f"{folder}: another run (pid {pid} on {host}) is using this run folder; wait for it to end, "
+                            f"or delete {lock} if no run is")
+    for tmp in folder.glob("*.tmp*"):                               # left by a write that was killed
+        if not pid_alive(int(tmp.suffix[4:] or 0)) or int(tmp.suffix[4:] or 0) == os.getpid():
+            tmp.unlink(missing_ok=True)
+    ckpt = folder / "checkpoint.pt"
+    if cfg.resume and not ckpt.exists() and not cfg.check:
+        raise LiftError(f"--resume: {folder} holds no checkpoint.pt to continue; drop --resume to start this run")
+    if ckpt.exists() and not cfg.resume and cfg.tuning != "zeroshot":
+        raise LiftError(f"{ckpt} exists: pass --resume to continue that run, or --run-name NAME for a new one")
+    return device
+
+
 def atomic_write(path: Path, payload: bytes):
     """Write a temporary file in the same folder, then rename it: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LiftError(f"cannot write {path} ({e.strerror}); the previous version, if any, is intact") from None
 
 
 def atomic_torch_save(path: Path, obj):
@@ -1619,10 +1769,38 @@ def tuned_state(model: nn.Module) -> dict:
     return state
 
 
+_DIGESTS = {}
+
+
+def weights_identity(cfg: Config) -> str:
+    """What the frozen model is, however the flags spelled it: the resolved open_clip model, its activation,
+    and its weights (the pretrained tag, the SHA-256 of the file, or random weights of the seed)."""
+    name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
+    act = "QuickGELU" if quick_gelu else "GELU"
+    if pretrained is None:
+        return f"{name}, {act}, random weights of seed {cfg.seed}"
+    if tag_cfg:
+        return f"{name}, {act}, pretrained {pretrained}"
+    stat = os.stat(pretrained)
+    key = (os.path.realpath(pretrained), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(pretrained, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return f"{name}, {act}, weights sha256 {_DIGESTS[key]}"
+
+
 def checkpoint_identity(cfg: Config, data: LTData, model: LiftModel) -> dict:
     """What a checkpoint must agree on with the run that loads it."""
-    return {"model": cfg.model, "tuning": cfg.tuning, "num_classes": data.num_classes,
-            "classes": hashlib.sha1("\n".join(data.classnames).encode()).hexdigest(), "method": model.sizes}
+    digest = lambda xs: hashlib.sha1("\n".join(map(str, xs)).encode()).hexdigest()
+    return {"model": weights_identity(cfg), "tuning": cfg.tuning, "num_classes": data.num_classes,
+            "classes": digest(data.classnames), "train_counts": digest(data.train_counts), "method": model.sizes}
+
+
+RESUME_MAY_CHANGE = ("resume", "check", "workers", "log_every", "eval_batch_size", "device", "tte", "expand", "root",
+                     "splits", "cache", "out", "model", "pretrained")  # model and pretrained: compared as the identity
 
 
 def save_checkpoint(path: Path, cfg, data, model, opt, sched, scaler, epoch: int, losses: list):
@@ -1632,9 +1810,9 @@ def save_checkpoint(path: Path, cfg, data, model, opt, sched, scaler, epoch: int
         "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state()})
 
 
-def read_checkpoint(path, cfg: Config, data: LTData, model: LiftModel) -> dict:
-    """torch.load with weights_only=True, refusing a checkpoint of another model or task, then the tuned
-    parameters copied into the model."""
+def read_checkpoint(path, cfg: Config, data: LTData, model: LiftModel, copy: bool = True) -> dict:
+    """torch.load with weights_only=True, refusing a checkpoint of another model or task; then the tuned
+    parameters are copied into the model."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1646,15 +1824,18 @@ def read_checkpoint(path, cfg: Config, data: LTData, model: LiftModel) -> dict:
     ours, theirs = checkpoint_identity(cfg, data, model), state["identity"]
     wrong = [k for k in ours if theirs.get(k) != ours[k]]
     if wrong:
-        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in wrong if k != "classes")
-        raise LiftError(f"checkpoint {path} does not match this run ({detail}{'; the class names differ' if 'classes' in wrong else ''})")
+        hashed, show = ("classes", "train_counts"), lambda v: ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v
+        detail = "; ".join(f"{k}: checkpoint '{show(theirs.get(k))}', this run '{show(ours[k])}'" for k in wrong if k not in hashed)
+        detail += "".join(f"; the {k.replace('_', ' ')} differ" for k in hashed if k in wrong)
+        raise LiftError(f"checkpoint {path} does not match this run ({detail.lstrip('; ')})")
     own, tuned = tuned_state(model), state["tuned"]
     if set(own) != set(tuned) or any(own[k].shape != tuned[k].shape for k in own):
         raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
-    with torch.no_grad():
-        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        for k, v in tuned.items():
-            (params[k] if k in params else buffers[k]).copy_(v)
+    if copy:
+        with torch.no_grad():
+            params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+            for k, v in tuned.items():
+                (params[k] if k in params else buffers[k]).copy_(v)
     return state
 
 
@@ -1663,15 +1844,31 @@ def load_tuned(model: LiftModel, cfg: Config, data: LTData, path) -> list:
     return list(read_checkpoint(path, cfg, data, model)["train_loss"])
 
 
+def check_resume(cfg: Config, state: dict, path: Path):
+    """A resumed run keeps its settings: a changed training flag is refused with the difference (a longer
+    --epochs too: the cosine schedule of the first epochs was set by the old number)."""
+    saved, now = state["config"], dataclasses.asdict(cfg)
+    diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if diff:
+        raise LiftError(f"--resume: {path} was written with other settings ({'; '.join(diff)}); resume with the run's "
+                        f"own settings, or start a new run with --run-name NAME")
+
+
 def resume(cfg: Config, data: LTData, model: LiftModel, opt, sched, scaler, run_dir: Path) -> tuple:
     """(first epoch, losses so far): 0 and [] for a new run, or the state of the run folder's checkpoint
-    with --resume, restored exactly: tuned parameters, optimiser, schedule, scaler and RNG."""
+    with --resume, restored exactly: tuned parameters, optimiser, schedule, scaler and RNG. Also checks
+    that the disk holds two checkpoints (the old one stays until the new one is complete)."""
+    import shutil
+    run_dir.mkdir(parents=True, exist_ok=True)
+    need = 2 * sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) + (1 << 20)
+    if shutil.disk_usage(run_dir).free < need:
+        raise LiftError(f"--out: {run_dir} has {shutil.disk_usage(run_dir).free >> 20} MiB free; a checkpoint needs "
+                        f"{need >> 20} MiB")
     path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        return 0, []
     if not cfg.resume:
-        raise LiftError(f"{path} exists: pass --resume to continue that run, or --run-name NAME for a new one")
+        return 0, []
     state = read_checkpoint(path, cfg, data, model)
+    check_resume(cfg, state, path)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -1679,6 +1876,24 @@ def resume(cfg: Config, data: LTData, model: LiftModel, opt, sched, scaler, run_
     torch.set_rng_state(state["rng"])
     print(f"resuming {path} after epoch {state['epoch']}/{cfg.epochs}")
     return state["epoch"], list(state["train_loss"])
+
+
+def check_inputs(cfg: Config, data: LTData, model: LiftModel):
+    """--check: after fit built and checked the task, the weights and the run folder without training,
+    every listed image file must exist and a sample of each split must decode; a --resume must agree
+    with its checkpoint. Prints what it checked."""
+    for split, images in (("train", data.train), ("test", data.test)):
+        if isinstance(images.images, list):
+            missing = [p for p in images.images if not os.path.isfile(p)]
+            if missing:
+                raise LiftError(f"{len(missing)} of the {len(images)} {split} images are missing, e.g. {missing[0]}")
+        for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), 64)).astype(int)):
+            images.load(int(i))
+    ckpt = run_folder(cfg) / "checkpoint.pt"
+    if cfg.resume and ckpt.exists():
+        check_resume(cfg, read_checkpoint(ckpt, cfg, data, model, copy=False), ckpt)
+    print(f"check passed: flags, {len(data.train) + len(data.test)} image files, the weights and "
+          f"{'--checkpoint' if cfg.eval_only else run_folder(cfg)}; nothing was trained")
 
 
 class Progress:
@@ -1709,26 +1924,34 @@ def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
 
 
 class clean_exit:
-    """Bad input and interrupts end with one line on stderr: exit 2 and 130, no traceback."""
+    """Every way a run can end short of success ends in one line on stderr: bad input (exit 2), an
+    interrupt (130, with the right hint), or an unexpected error (1, its traceback kept in a file)."""
 
     def __enter__(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is a KeyboardInterrupt
         self.cfg = None
         return self
 
     def __exit__(self, kind, e, tb):
-        if isinstance(e, LiftError):
-            msg = str(e).strip()
-            if "Original Traceback" in msg:                         # raised in a DataLoader worker: keep its last line
-                msg = msg.splitlines()[-1].split("LiftError: ", 1)[-1]
-            print(f"error: {msg}", file=sys.stderr)
+        say = lambda msg: print(msg.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
+        if e is None or isinstance(e, SystemExit):
+            return False
+        if isinstance(e, LiftError) or "LiftError: " in str(e):      # also raised in a DataLoader worker
+            say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
             sys.exit(2)
         if isinstance(e, KeyboardInterrupt):
             ckpt = run_folder(self.cfg) / "checkpoint.pt" if self.cfg else None
-            hint = f"; the last finished epoch is in {ckpt}: continue with --resume" if ckpt and ckpt.exists() else ""
-            print(f"\ninterrupted{hint}", file=sys.stderr)
+            epoch = torch.load(ckpt, weights_only=True)["epoch"] if ckpt and ckpt.is_file() and not self.cfg.eval_only else 0
+            say(f"\ninterrupted; epoch {epoch}/{self.cfg.epochs} is in {ckpt}: continue with --resume" if epoch else
+                "\ninterrupted before any epoch finished: nothing to resume")
             sys.exit(130)
-        return False
-
+        import tempfile
+        import traceback
+        log = Path(tempfile.gettempdir()) / f"lift_plus_error_{os.getpid()}.log"
+        log.write_text("".join(traceback.format_exception(kind, e, tb)))
+        say(f"error: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''} "
+            f"(a bug in lift_plus; the traceback is in {log})")
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -165,6 +165,8 @@ def test_finalize_is_the_one_writer():
     assert done.run_name == "imagenet_lt_adaptformer_seed0" and done.workers >= 1
     assert lp.finalize_config(done) == done                         # finalising twice changes nothing
     assert lp.finalize_config(lp.Config(data="imagenet_lt", tuning="mask")).mask_ratio == 0.005
+    evaluation = lp.finalize_config(lp.Config(data="imagenet_lt", eval_only=True, checkpoint="runs/a/checkpoint.pt"))
+    assert evaluation.run_name is None and lp.finalize_config(evaluation) == evaluation  # it writes beside the checkpoint
 
 
 # ------------------------------------------------------------------------------------------
@@ -487,7 +489,7 @@ def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
     assert sorted(state["tuned"]) == sorted([f"encoder.adaptformer.{i}.{p}" for i in (0, 1) for p in
                                              ("ln.weight", "ln.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale")]
                                             + ["head.weight"])     # never the frozen backbone
-    again = fit_and_evaluate(make_cfg(configs, data=str(folder), out=str(tmp_path), eval_only=True, checkpoint=str(ckpt)))
+    again = fit_and_evaluate(make_cfg(configs, data=str(folder), eval_only=True, checkpoint=str(ckpt)))
     assert again["per_class"] == report["per_class"] and again["overall"] == report["overall"]
     assert (tmp_path / cfg.run_name / "results_eval_tte3.json").exists()  # 24 px at 224 -> 3 px at 32
     results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
@@ -497,7 +499,7 @@ def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
 def test_checkpoint_of_another_tuning_mode_is_refused(configs, folder, tmp_path):
     cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
     ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
-    other = make_cfg(configs, data=str(folder), tuning="lora", eval_only=True, checkpoint=str(ckpt), out=str(tmp_path))
+    other = make_cfg(configs, data=str(folder), tuning="lora", eval_only=True, checkpoint=str(ckpt))
     with pytest.raises(lp.LiftError, match=r"does not match this run \(tuning: checkpoint 'adaptformer', this run 'lora'"):
         fit_and_evaluate(other)
     with pytest.raises(lp.LiftError, match=r"exists: pass --resume"):
@@ -922,16 +924,229 @@ def test_cached_features_train_the_classifier_as_the_backbone_would(configs, fol
     (dict(prompt="a photo"), r"--prompt 'a photo': the template needs \{\} where the class name goes"),
     (dict(lora_rank=4), "--lora-rank applies to --tuning lora only, not --tuning adaptformer"),
     (dict(tuning="adaptformer", cache_features=True), "--cache-features applies to --tuning classifier only"),
-    (dict(checkpoint="x.pt"), "--checkpoint is read by --eval-only only; to continue a training run use --resume"),
+    (dict(checkpoint="x.pt"), "--checkpoint: it is read by --eval-only only; to continue a training run use --resume"),
+    (dict(loss="ce", tau=2.0), r"--tau: --loss ce has no logit adjustment \(use --loss la\)"),
+    (dict(tte=False, expand=8), "--expand: --no-tte resizes to S \\+ S // 7 and takes the centre crop"),
+    (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square every epoch"),
+    (dict(init="class_mean", prompt="a {}"), "--prompt: --init class_mean uses no prompt"),
+    (dict(amp="bf16", device="cpu"), "--amp bf16: mixed precision runs on GPUs only"),
+    (dict(eval_only=True, checkpoint="x.pt", resume=True), "--resume: --eval-only trains nothing to continue"),
+    (dict(eval_only=True, checkpoint="x.pt", run_name="r"), "--out / --run-name: --eval-only writes its results beside --checkpoint"),
+    (dict(data="shapes_lt", splits="/tmp"), "--splits: --data shapes_lt has no split lists"),
+    (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no image root"),
+    (dict(tuning="classifier", blocks="0-3"), "--blocks: --tuning classifier tunes no vision blocks by index"),
+    (dict(seed=-1), "--seed: expected an integer in \\[0, 2147483647\\], got -1"),
     (dict(eval_only=True), r"--eval-only needs --checkpoint FILE"),
     (dict(tuning="zeroshot", init="class_mean"), "--init class_mean: zero-shot classifies with the text prompts"),
 ])
 def test_every_flag_is_checked_before_anything_runs(flags, message):
     with pytest.raises(lp.LiftError, match=message):
-        lp.finalize_config(lp.Config(data="imagenet_lt", **flags))
+        lp.finalize_config(lp.Config(**{"data": "imagenet_lt", **flags}))
 
 
 def test_results_json_is_strict(configs, folder, tmp_path):
     cfg, _ = train_run(configs, folder, tmp_path, tuning="zeroshot")
     text = (tmp_path / cfg.run_name / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+# ------------------------------------------------------------------------------------------
+# Appendix E. Reliability: image decoding, folders and lists, resume, the run folder, exits
+# ------------------------------------------------------------------------------------------
+
+def png_16bit_rgb(path: Path, a: np.ndarray):
+    """A 16-bit RGB PNG written by hand (PIL cannot write one): a is uint16 [H, W, 3]."""
+    import struct
+    import zlib
+    H, W, _ = a.shape
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(H))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
+    rng = np.random.RandomState(0)
+    rgb = rng.randint(0, 256, (12, 16, 3)).astype(np.uint8)
+    read = lambda name: lp.read_image(tmp_path / name).permute(1, 2, 0).numpy().astype(int)
+    # 16-bit grayscale: scaled to 8 bits, not clipped at 255 (PIL's convert('RGB') clips)
+    g16 = rng.randint(0, 65536, (12, 16)).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    ref = np.round(g16 / 257.0).astype(int)
+    assert np.abs(read("g16.png") - ref[..., None]).max() == 0
+    # 16-bit RGB: within one level of x / 257
+    c16 = rng.randint(0, 65536, (12, 16, 3)).astype(np.uint16)
+    png_16bit_rgb(tmp_path / "c16.png", c16)
+    assert np.abs(read("c16.png") - c16 / 257.0).max() <= 1.0
+    # palette with transparency: the palette colours, without PIL's warning
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.save(tmp_path / "p.png", transparency=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = read("p.png")
+    assert np.array_equal(out, np.asarray(pal.convert("RGB")).astype(int))
+    # grayscale with alpha: the grey level in all three channels
+    Image.fromarray(np.stack([rgb[..., 0], rgb[..., 1]], -1), "LA").save(tmp_path / "la.png")
+    assert np.array_equal(read("la.png"), np.repeat(rgb[..., :1], 3, axis=2).astype(int))
+    # CMYK JPEG (libjpeg-turbo and PIL agree)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.array_equal(read("cmyk.jpg"), np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB")).astype(int))
+    # multi-frame GIF and TIFF: the first frame
+    frames = [Image.fromarray(np.full((12, 16, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "multi.tiff", save_all=True, append_images=frames[1:])
+    assert read("anim.gif").max() < 100 and read("multi.tiff").max() == 10
+    # truncated files and samples without an 8-bit range: one line naming the file
+    Image.fromarray(rgb).save(tmp_path / "full.jpg", quality=95)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
+    Image.fromarray(rgb).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
+    Image.fromarray(rng.rand(12, 16).astype(np.float32)).save(tmp_path / "float.tiff")
+    for name, why in (("cut.jpg", "(?i)truncated"), ("cut.png", ""), ("float.tiff", "floating-point samples have no 8-bit range")):
+        with pytest.raises(lp.LiftError, match=rf"cannot read image .*{name}: (?i:.*{why.replace('(?i)', '')})"):
+            lp.read_image(tmp_path / name)
+
+
+def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
+    root = tmp_path / "task"
+    write_images(root / "train", [5, 3], seed=0)
+    write_images(root / "test", [2, 0], seed=1)
+    (root / "test" / "class_1").rmdir()                             # class_1: training images, no test images
+    nested = root / "train" / "class_0" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    (root / "train" / "class_0" / "0.png").rename(nested / "0.png")  # nested subfolders count
+    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "__MACOSX", root / "train" / "class_1" / ".cache"):
+        hidden.mkdir()
+        (hidden / "x.png").write_bytes((root / "train" / "class_1" / "0.png").read_bytes())
+    (root / "train" / "class_1" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "class_1" / "notes.txt").write_text("not an image")
+    (root / "train" / "class_1" / "link.png").symlink_to(root / "train" / "class_1" / "0.png")
+    (root / "train" / "class_1" / "loop").symlink_to(root / "train" / "class_1")  # a folder link back: followed once
+    odd = os.fsdecode(b"caf\xe9.png")                               # a file name that is not UTF-8
+    (root / "train" / "class_1" / "1.png").rename(root / "train" / "class_1" / odd)
+    data = lp.build_data(make_cfg(configs, data=str(root)))
+    assert data.classnames == ["class_0", "class_1"]
+    assert data.train_counts.tolist() == [5, 4]                     # 3 + the link; hidden, loop and text skipped
+    assert torch.is_tensor(data.train.load(data.train.images.index(str(root / "train" / "class_1" / odd))))
+    summary = lp.summarize_data(data, "task")
+    assert "note: 1 files without an image extension skipped" in summary
+    assert "note: 4 hidden or tool entries skipped" in summary      # .ipynb_checkpoints, __MACOSX, .cache, .DS_Store
+    assert "note: 1 classes have no test image (no accuracy for them; left out of the group means)" in summary
+    os.mkdir(root / "test" / "class_9")
+    with pytest.raises(lp.LiftError, match=r"class 'class_9' has no training folder"):
+        lp.build_data(make_cfg(configs, data=str(root)))
+    os.rmdir(root / "test" / "class_9")
+    os.mkdir(root / "train" / os.fsdecode(b"r\xe9sum\xe9"))
+    with pytest.raises(lp.LiftError, match=r"is not UTF-8; rename it"):
+        lp.build_data(make_cfg(configs, data=str(root)))
+
+
+def test_split_list_repeats_and_conflicts(tmp_path, configs):
+    write_benchmark(tmp_path)
+    lines = (tmp_path / "ImageNet_LT_train.txt").read_text().splitlines()
+    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(lines + lines[:2]) + "\n")   # two repeated lines
+    test_lines = (tmp_path / "ImageNet_LT_test.txt").read_text().splitlines()
+    (tmp_path / "ImageNet_LT_test.txt").write_text("\n".join(test_lines + [lines[-1]]) + "\n")  # a training image
+    data = lp.build_data(make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "c")))
+    summary = lp.summarize_data(data, "imagenet_lt")
+    assert data.train_counts[:3].tolist() == [8, 3, 1]               # kept, as listed (and as the LIFT+ code reads it)
+    assert "note: 2 train entries repeat an earlier entry of the same image and label (kept, as listed)" in summary
+    assert "note: 1 test images are also training images" in summary
+    assert "note: 997 classes have no training image" in summary
+    path, label = lines[0].split()
+    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(lines + [f"{path} 2"]) + "\n")
+    data = lp.build_data(make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "c")))
+    with pytest.raises(lp.LiftError, match=rf"train image .*{path} is listed under two labels, 0 and 2"):
+        lp.summarize_data(data, "imagenet_lt")
+
+
+def test_resume_refuses_changed_settings_and_nothing_to_resume(configs, folder, tmp_path):
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=2)
+    with pytest.raises(lp.LiftError, match=r"--resume: .*checkpoint.pt was written with other settings \(--epochs 2 -> 3; --lr 0.02 -> 0.05\)"):
+        train_run(configs, folder, tmp_path, epochs=3, lr=0.05, resume=True)
+    with pytest.raises(lp.LiftError, match=r"--resume: .*other holds no checkpoint.pt to continue; drop --resume"):
+        train_run(configs, folder, tmp_path, epochs=2, resume=True, run_name="other")
+    # the same run resumed with run-only changes: allowed, and the files agree on the settings
+    _, again = train_run(configs, folder, tmp_path, epochs=2, resume=True, log_every=1, eval_batch_size=4)
+    results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
+    state = torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)
+    assert results["config"]["epochs"] == state["config"]["epochs"] == 2 and results["train_loss"] == state["train_loss"]
+
+
+def test_model_identity_is_what_the_model_is_not_its_spelling(configs, folder, tmp_path, monkeypatch):
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
+    ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
+    monkeypatch.chdir(configs["TinyViT-test"].parent)               # the same config file, spelled relatively
+    same = make_cfg(configs, data=str(folder), model="TinyViT-test.json", eval_only=True, checkpoint=str(ckpt))
+    fit_and_evaluate(same)
+    other_seed = make_cfg(configs, data=str(folder), eval_only=True, checkpoint=str(ckpt), seed=5)
+    with pytest.raises(lp.LiftError, match=r"does not match this run \(model: checkpoint '.*random weights of seed 0', "
+                                           r"this run '.*random weights of seed 5'"):
+        fit_and_evaluate(other_seed)                                 # random frozen weights of another seed
+
+
+def test_run_folder_is_checked_and_locked(configs, folder, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(lp.LiftError, match=r"--out / --run-name: .*afile is a file, not a folder"):
+        train_run(configs, folder, tmp_path, run_name="afile")
+    with pytest.raises(lp.LiftError, match=r"--out / --run-name: cannot write in .*afile/run"):
+        train_run(configs, folder, tmp_path / "afile", run_name="run")
+    import socket
+    run = tmp_path / "locked"
+    run.mkdir()
+    (run / "lock").write_text(f"1 {socket.gethostname()}")         # pid 1 is alive: another run holds it
+    with pytest.raises(lp.LiftError, match=r"another run \(pid 1 on .*\) is using this run folder"):
+        train_run(configs, folder, tmp_path, run_name="locked")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (run / "lock").write_text(f"{dead} {socket.gethostname()}")     # its process is gone: a stale lock is taken over
+    (run / f"checkpoint.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    train_run(configs, folder, tmp_path, run_name="locked", epochs=1)
+    assert (run / "lock").read_text().startswith(f"{os.getpid()} ") and not (run / f"checkpoint.pt.tmp{dead}").exists()
+
+
+def test_interrupts_and_unexpected_errors_end_in_one_line(configs, folder, tmp_path, capsys, monkeypatch):
+    base = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
+            "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path), "--device", "cpu"]
+    real = lp.logit_adjusted_loss
+    calls = {"n": 0, "at": 3}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lp, "logit_adjusted_loss", interrupt)
+    for at, name, hint in ((3, "a", r"interrupted before any epoch finished: nothing to resume"),
+                           (10, "b", r"interrupted; epoch 1/2 is in .*b/checkpoint.pt: continue with --resume")):
+        calls.update(n=0, at=at)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            lp.main(base + ["--run-name", name])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 130 and re.fullmatch(hint, err), err
+    monkeypatch.setattr(lp, "logit_adjusted_loss", lambda *a, **k: [].pop())
+    with pytest.raises(SystemExit) as e:
+        lp.main(base + ["--run-name", "c"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    log = re.search(r"the traceback is in (\S+)\)", err).group(1)
+    assert err.startswith("error: unexpected IndexError: pop from empty list (a bug in lift_plus") and "Traceback" in Path(log).read_text()
+
+
+def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_path, capsys):
+    args = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
+            "--out", str(tmp_path), "--run-name", "c", "--check"]
+    capsys.readouterr()
+    lp.main(args)
+    out = capsys.readouterr().out
+    assert "check passed: flags, 66 image files" in out and not (tmp_path / "c" / "checkpoint.pt").exists()
+    assert not (tmp_path / "c" / "results.json").exists()
+    broken = tmp_path / "broken"
+    write_images(broken / "train", [3, 2], seed=0)
+    write_images(broken / "test", [1, 1], seed=1)
+    (broken / "train" / "class_0" / "2.png").unlink()
+    (broken / "train" / "class_0" / "2.png").symlink_to(broken / "missing.png")  # a dangling link
+    err = main_error(capsys, *args[:1], str(broken), *args[2:])
+    assert re.search(r"error: 1 of the 5 train images are missing, e.g. .*class_0/2.png", err), err
