@@ -84,6 +84,8 @@ class Config:
     model: str = arg("ViT-B-16", "open_clip ViT name (ViT-B/16 spelling accepted) or an open_clip model-config JSON")
     pretrained: str = arg("openai", "open_clip pretrained tag, a local weights file, or 'none' for random weights")
     quick_gelu: str = arg("auto", "QuickGELU activation (OpenAI's CLIP uses it; auto follows the weights)", choices=("auto", "yes", "no"))
+    inat_level: str = arg("species", "inat2018: the taxonomy level of the labels (Appendix F)",
+                          choices=("kingdom", "phylum", "class", "order", "family", "genus", "species"))
     # sizes of the baselines (Appendix A); each is refused for a method without that part
     blocks: Optional[str] = arg(None, "vision blocks the method acts on, e.g. '0-11' or '8,9,10,11' (default: all)")
     partial_blocks: Optional[int] = arg(None, "partial: number of last vision blocks to tune (default 1)", low=0)
@@ -201,7 +203,7 @@ def build_benchmark(cfg: Config) -> LTData:
     elif cfg.data == "places_lt":
         classnames = read_places_classnames(files["classnames.txt"])
     else:
-        classnames, to_label = read_inat_categories(files["categories.json"])
+        classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)
     splits = {}
     for split in ("train", "test"):
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -222,9 +224,10 @@ def read_places_classnames(path) -> list:
     return ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
 
 
-def read_inat_categories(path, level: str = "name") -> tuple:
+def read_inat_categories(path, level: str = "species") -> tuple:
     """iNaturalist 2018's categories.json -> (class names, {category id: label}). As the LIFT+ code, the
-    labels follow the sorted unique names: of species ('name') by default."""
+    labels follow the sorted unique names at a taxonomy level: species ('name') by default."""
+    level = "name" if level == "species" else level
     try:
         with open(path) as f:
             id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.load(f))}
@@ -557,10 +560,10 @@ def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: 
 
 
 def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if generator is not None else None
+    """Batches in the order of a seeded permutation (training), or in order; a process of torchrun takes its share."""
     workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(Padded(dataset), batch_sampler=ShardedBatches(len(dataset), batch_size, generator),
+                                       num_workers=workers, pin_memory=device.type == "cuda")  # Appendix F
 
 
 def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=None) -> list:
@@ -576,35 +579,36 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
     log_prior = torch.log(counts / counts.sum()).to(device)         # log pi: [K]
     tau = cfg.tau if cfg.loss == "la" else 0.0                      # CE is LA with tau = 0
     transform = MDATransform(model.image_size, cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
-    train_set, forward = Views(data.train, transform), model
+    train_set, forward = Views(data.train, transform), distributed(model)  # Appendix F: DDP under torchrun
     if features is not None:
-        train_set, forward = torch.utils.data.TensorDataset(features[0][:, None], features[1]), model.head
-    micro, N = cfg.batch_size // cfg.accum_steps, len(train_set)
-    progress = Progress(cfg, math.ceil(N / cfg.batch_size))        # Appendix E: progress lines
+        train_set, forward = torch.utils.data.TensorDataset(features[0][:, None], features[1]), distributed(model.head)
+    micro, N, world = cfg.batch_size // cfg.accum_steps, len(train_set), processes()  # Appendix F: 1 without torchrun
+    progress = Progress(cfg, math.ceil(N / cfg.batch_size), run_dir)  # Appendix F: progress lines, metrics.jsonl
     for epoch in range(start_epoch, cfg.epochs):
         transform.epoch = epoch
         loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         model.train()
         total, seen = torch.zeros((), device=device), 0             # the summed loss stays on the device: no sync per step
         opt.zero_grad(set_to_none=True)
-        for j, (views, y) in enumerate(loader):
-            step = j // cfg.accum_steps
-            n_step = min(cfg.batch_size, N - step * cfg.batch_size)  # images in this optimiser step
+        for j, (views, y) in enumerate(progress.timed(loader)):    # (timed: the wait for data is measured)
+            step, last = j // cfg.accum_steps, j + 1 == len(loader)
+            n_step = min(cfg.batch_size, N - step * cfg.batch_size)  # images in this optimiser step (in all processes)
+            seen += int((y >= 0).sum())                             # (label -100: the padding of a torchrun share)
             x, y = views[:, 0].to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, 3, S, S] (or [b, D])
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = forward(x)                                 # [b, K]
             loss = logit_adjusted_loss(logits, y, log_prior, tau, reduction="sum") / n_step
-            (scaler.scale(loss) if scaler else loss).backward()
+            (scaler.scale(loss * world) if scaler else loss * world).backward()  # DDP averages over the processes
             total += loss.detach() * n_step
-            seen += len(y)
-            if (j + 1) % cfg.accum_steps == 0 or seen == N:        # the optimiser steps once per batch_size images
+            if (j + 1) % cfg.accum_steps == 0 or last:              # the optimiser steps once per batch_size images
                 scaler.step(opt) if scaler else opt.step()
                 scaler.update() if scaler else None
                 opt.zero_grad(set_to_none=True)
-                progress.step(epoch, step, seen == N, lambda: total.item() / seen, opt.param_groups[0]["lr"])
+                progress.step(epoch, step, last, lambda: mean_over_processes(total, seen), opt.param_groups[0]["lr"])
         sched.step()
-        losses.append(total.item() / seen)
+        losses.append(mean_over_processes(total, seen))             # Appendix F: one process: total / seen
         save_checkpoint(run_dir / "checkpoint.pt", cfg, data, model, opt, sched, scaler, epoch + 1, losses)  # Appendix E
+        progress.epoch_end(epoch, losses[-1])
     return losses
 
 
@@ -646,11 +650,12 @@ def over_dataset(fn, model: LiftModel, dataset, cfg: Config) -> tuple:
     model.eval()
     device = model.mean.device
     dtype, out, labels = amp_dtype(cfg, device), [], []              # Appendix D
-    for views, y in make_loader(dataset, cfg.eval_batch_size, cfg, device):
+    loader = make_loader(dataset, cfg.eval_batch_size, cfg, device)
+    for views, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(fn(views.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(out), torch.cat(labels)
+    return gather_in_order(out, labels, loader.batch_sampler)       # Appendix F: every process's share, in order
 
 
 def accuracy_report(preds, labels, train_counts) -> dict:
@@ -691,6 +696,8 @@ def main(argv=None):
     if argv[:1] == ["table"]:                                       # Appendix A: python lift_plus.py table runs/
         return print(results_table(argv[1] if len(argv) > 1 else "runs"))
     with clean_exit() as session:                                   # Appendix E: one line for every error and interrupt
+        if argv[:1] == ["predict"]:                                 # Appendix F: top-k classes of new images
+            return predict_main(argv[1:])
         cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
         data, model = fit(cfg)
         (check_inputs if cfg.check else evaluate)(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
@@ -896,15 +903,20 @@ def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def results_table(folder) -> str:
-    """The results*.json files under `folder` (one per run) as one Markdown table."""
-    rows = ["| run | data | tuning | init | loss | mda | tte | epochs | tuned params | Overall | Many | Medium | Few |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The results*.json files under `folder` (one per run) as one Markdown table, with each training run's
+    time and images per second from its metrics.jsonl."""
+    rows = ["| run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall | Many | Medium | Few |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cell = lambda v: "n/a" if v is None else f"{v:.2f}"
     for path in sorted(Path(folder).glob("**/results*.json")):
         r = json.loads(path.read_text())
         c, m = r["config"], r["metrics"]
+        log = path.parent / "metrics.jsonl"
+        epochs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() and path.name == "results.json" else []
+        speed = (f"{sum(e['epoch_s'] for e in epochs):.0f} s | {np.mean([e['images_per_s'] for e in epochs]):.0f}" if epochs
+                 else "- | -")
         rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {c['init']} | {c['loss']} | {c['mda']} | "
-                    f"{c['tte']} | {c['epochs']} | {r['params']['tuned']:,} | " +
+                    f"{c['tte']} | {c['epochs']} | {r['params']['tuned']:,} | {speed} | " +
                     " | ".join(cell(m[k]) for k in ("overall", "many", "medium", "few")) + " |")
     return "\n".join(rows)
 
@@ -1501,6 +1513,7 @@ def check_flags(cfg: Config):
         (cfg.min_scale != default.min_scale and cfg.mda == "max", "--min-scale", "--mda max crops the largest square every epoch"),
         (cfg.expand is not None and not cfg.tte, "--expand", "--no-tte resizes to S + S // 7 and takes the centre crop"),
         (cfg.splits is not None and cfg.data not in BENCHMARKS, "--splits", f"--data {cfg.data} has no split lists"),
+        (cfg.inat_level != default.inat_level and cfg.data != "inat2018", "--inat-level", "applies to --data inat2018 only"),
         (cfg.root != default.root and (cfg.data == "shapes_lt" or os.sep in cfg.data), "--root", f"--data {cfg.data} needs no image root"),
         (cfg.amp in ("bf16", "fp16") and cfg.device == "cpu", f"--amp {cfg.amp}", "mixed precision runs on GPUs only"),
         (cfg.checkpoint is not None and not cfg.eval_only, "--checkpoint", "it is read by --eval-only only; to continue a training run use --resume"),
@@ -1689,9 +1702,10 @@ def prepare_run(cfg: Config) -> torch.device:
     run holds (a lock file with stale-lock detection); --resume has a checkpoint to continue and a new
     run none to overwrite; temporary files of killed writes are removed. Returns the device."""
     import socket
-    if cfg.device == "auto":
+    device = start_processes(cfg)                                   # Appendix F: the process group under torchrun
+    if device is None and cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
+    elif device is None:
         try:
             device = torch.device(cfg.device)
         except RuntimeError:
@@ -1703,6 +1717,9 @@ def prepare_run(cfg: Config) -> torch.device:
             raise LiftError(f"--checkpoint {cfg.checkpoint}: no such file")
         return device
     folder = run_folder(cfg)
+    if rank() > 0:                                                  # torchrun: the first process prepares the folder
+        torch.distributed.barrier()
+        return device
     if folder.exists() and not folder.is_dir():
         raise LiftError(f"--out / --run-name: {folder} is a file, not a folder")
     try:
@@ -1718,7 +1735,7 @@ def prepare_run(cfg: Config) -> torch.device:
             with open(lock, "x") as f:
                 f.write(me)
             import atexit
-            atexit.register(lambda: lock.exists() and lock.read_text() == me and lock.unlink())
+            atexit.register(release_lock, lock)                      # also released when the run's results are written
             break
         except FileExistsError:
             pid, _, host = lock.read_text().partition(" ")
@@ -1737,7 +1754,22 @@ def prepare_run(cfg: Config) -> torch.device:
         raise LiftError(f"--resume: {folder} holds no checkpoint.pt to continue; drop --resume to start this run")
     if ckpt.exists() and not cfg.resume and cfg.tuning != "zeroshot":
         raise LiftError(f"{ckpt} exists: pass --resume to continue that run, or --run-name NAME for a new one")
+    versions = {m: __import__(m).__version__ for m in ("torch", "torchvision", "open_clip", "numpy", "PIL")}
+    atomic_write(folder / "run.json", json.dumps({"config": dataclasses.asdict(cfg), "versions": versions, "python": sys.version.split()[0],
+                                                 "device": str(device), "processes": processes(), "argv": sys.argv}, indent=1).encode())
+    if processes() > 1:
+        torch.distributed.barrier()
     return device
+
+
+def release_lock(lock: Path):
+    """Remove the run folder's lock if this process holds it."""
+    import socket
+    try:
+        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}":
+            lock.unlink()
+    except OSError:
+        pass
 
 
 def atomic_write(path: Path, payload: bytes):
@@ -1804,7 +1836,9 @@ RESUME_MAY_CHANGE = ("resume", "check", "workers", "log_every", "eval_batch_size
 
 
 def save_checkpoint(path: Path, cfg, data, model, opt, sched, scaler, epoch: int, losses: list):
-    atomic_torch_save(path, {
+    if rank() > 0:                                                  # torchrun: the first process writes
+        return
+    atomic_torch_save(path, {"classnames": list(data.classnames), "train_counts": [int(n) for n in data.train_counts],
         "identity": checkpoint_identity(cfg, data, model), "config": dataclasses.asdict(cfg), "epoch": epoch,
         "train_loss": losses, "tuned": tuned_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state()})
@@ -1896,31 +1930,18 @@ def check_inputs(cfg: Config, data: LTData, model: LiftModel):
           f"{'--checkpoint' if cfg.eval_only else run_folder(cfg)}; nothing was trained")
 
 
-class Progress:
-    """A progress line every --log-every optimiser steps and at the end of each epoch."""
-
-    def __init__(self, cfg: Config, steps: int):
-        self.cfg, self.steps, self.t0, self.done = cfg, steps, time.time(), 0
-
-    def step(self, epoch: int, step: int, last: bool, loss, lr: float):
-        self.done += 1
-        if (step + 1) % self.cfg.log_every and not last:
-            return
-        rate = self.done / (time.time() - self.t0)
-        eta = ((self.cfg.epochs - epoch) * self.steps - step - 1) / max(rate, 1e-9)
-        print(f"epoch {epoch + 1}/{self.cfg.epochs} step {step + 1}/{self.steps} loss {loss():.4f} lr {lr:.5f} "
-              f"{rate * self.cfg.batch_size:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-
-
 def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
     """results.json (strict JSON: null for a group without test images). A re-evaluation (--eval-only)
     sits beside the training run's results.json instead of replacing it."""
+    if rank() > 0:
+        return
     name = "results.json" if not cfg.eval_only else f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
     results = {"config": dataclasses.asdict(cfg), "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
                "params": count_params(model), "train_loss": model.train_loss, "classnames": list(data.classnames),
                "train_counts": [int(n) for n in data.train_counts], "per_class_accuracy": report["per_class"]}
     atomic_write(run_folder(cfg) / name, json.dumps(results, indent=1, allow_nan=False).encode())
     print(f"wrote {run_folder(cfg) / name}")
+    release_lock(run_folder(cfg) / "lock")                          # the run is complete
 
 
 class clean_exit:
@@ -1952,6 +1973,198 @@ class clean_exit:
         say(f"error: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''} "
             f"(a bug in lift_plus; the traceback is in {log})")
         sys.exit(1)
+# ==========================================================================================
+# APPENDIX F. Past one GPU and one run: torchrun, metrics.jsonl, predict, iNaturalist's taxonomy
+# Plugs into Part I at make_loader (ShardedBatches, Padded), train (distributed, processes,
+# mean_over_processes, Progress), over_dataset (gather_in_order) and main (predict); E's prepare_run
+# starts the process group. `torchrun --nproc_per_node N lift_plus.py ...` runs PyTorch's
+# DistributedDataParallel; one process is exactly the single-process run.
+
+
+def processes() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def start_processes(cfg: Config):
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU,
+    and quiet standard output on every process but the first. Returns the device, or None without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Batches of indices: of one seeded permutation (training, as RandomSampler draws it) or in order. Under
+    torchrun, process r takes items r, r + W, ... of every batch, so each optimiser step sees the images,
+    and the crops, of the single-process run. In training a process whose share is empty gets a padding
+    item (a negative index, label -100), so that every process runs every step."""
+
+    def __init__(self, n: int, batch_size: int, generator=None):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.generator else list(range(self.n))
+        for i in range(0, self.n, self.batch_size):
+            batch = order[i:i + self.batch_size]
+            share = batch[rank()::processes()]
+            if share or self.generator is not None:                 # training: every process runs every step
+                yield share or [-1 - batch[0]]
+
+
+class Padded(torch.utils.data.Dataset):
+    """A dataset whose negative index -1 - i is item i with label -100, which the loss ignores."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i] if i >= 0 else (self.dataset[-1 - i][0], -100)
+
+
+def distributed(module: nn.Module) -> nn.Module:
+    """DistributedDataParallel under torchrun (it averages the gradients of the processes); else the module."""
+    if processes() == 1:
+        return module
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                               forward_sync_buffers=False)  # CLIP's mean and std are the same everywhere
+
+
+def mean_over_processes(total: torch.Tensor, seen: int) -> float:
+    """The epoch's mean loss over every image of every process."""
+    if processes() > 1:
+        both = torch.stack([total.detach().float(), torch.tensor(float(seen), device=total.device)])
+        torch.distributed.all_reduce(both)
+        total, seen = both[0], both[1].item()
+    return total.item() / seen
+
+
+def gather_in_order(out: list, labels: list, sampler: ShardedBatches) -> tuple:
+    """Each process's outputs and labels put back in dataset order (evaluation): exactly one row per image."""
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
+    if processes() == 1:
+        return cat(out), cat(labels)
+    shares = [None] * processes()
+    torch.distributed.all_gather_object(shares, (cat(out), cat(labels)))
+    n, B, W = sampler.n, sampler.batch_size, processes()
+    positions = [[i for s in range(0, n, B) for i in range(s, min(s + B, n))[r::W]] for r in range(W)]
+    outputs = torch.empty(n, *next(o for o, _ in shares if len(o)).shape[1:])
+    targets = torch.empty(n, dtype=torch.long)
+    for (o, y), idx in zip(shares, positions):
+        if idx:
+            outputs[idx], targets[idx] = o, y
+    return outputs, targets
+
+
+class Progress:
+    """A progress line every --log-every optimiser steps and at the end of each epoch (loss, lr, images per
+    second, the fraction of time spent waiting for data, time left), and a line per epoch in metrics.jsonl."""
+
+    def __init__(self, cfg: Config, steps: int, run_dir: Path):
+        self.cfg, self.steps, self.path, self.t0, self.done, self.lr = cfg, steps, run_dir / "metrics.jsonl", time.time(), 0, 0.0
+
+    def timed(self, loader):
+        self.wait, self.start, self.images = 0.0, time.time(), 0
+        batches = iter(loader)
+        while True:
+            t = time.time()
+            try:
+                views, y = next(batches)
+            except StopIteration:
+                return
+            self.wait += time.time() - t
+            self.images += len(y) * processes()
+            yield views, y
+
+    def step(self, epoch: int, step: int, last: bool, loss, lr: float):
+        self.done, self.lr = self.done + 1, lr
+        if (step + 1) % self.cfg.log_every and not last:
+            return
+        rate = self.done / (time.time() - self.t0)
+        eta = ((self.cfg.epochs - epoch) * self.steps - step - 1) / max(rate, 1e-9)
+        print(f"epoch {epoch + 1}/{self.cfg.epochs} step {step + 1}/{self.steps} loss {loss():.4f} lr {lr:.5f} "
+              f"{rate * self.cfg.batch_size:.1f} img/s, data wait {100 * self.wait / (time.time() - self.start):.0f}% "
+              f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    def epoch_end(self, epoch: int, loss: float):
+        seconds = time.time() - self.start
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else \
+            __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+        line = {"epoch": epoch + 1, "loss": loss, "lr": self.lr, "images_per_s": self.images / seconds,
+                "data_wait": self.wait / seconds, "epoch_s": seconds, "peak_memory_gib": peak / 2 ** 30}
+        if rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+def predict_main(argv: list):
+    """python lift_plus.py predict --checkpoint runs/x/checkpoint.pt IMAGES... [--top-k 5] [--out preds.csv]:
+    the top-k classes and probabilities of image files (or folders of them), with the run's test views (TTE)."""
+    p = Parser(prog="lift_plus.py predict", description=predict_main.__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", help="image files, or folders searched at any depth")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by a training run")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--out", default=None, help="a .csv or .json file (default: CSV on standard output)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    a = p.parse_args(argv)
+    if not Path(a.checkpoint).is_file():
+        raise LiftError(f"--checkpoint {a.checkpoint}: no such file")
+    try:
+        state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+        saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+    except Exception:
+        raise LiftError(f"--checkpoint {a.checkpoint}: not a lift_plus checkpoint with its run's settings") from None
+    cfg = finalize_config(dataclasses.replace(Config(**saved), eval_only=True, checkpoint=a.checkpoint, resume=False,
+                                              run_name=None, out=Config().out, device=a.device, workers=a.workers, init="semantic",
+                                              prompt=Config().prompt if saved["init"] != "semantic" else saved["prompt"]))
+    if a.top_k < 1:
+        raise LiftError(f"--top-k: expected an integer >= 1, got {a.top_k}")
+    notes, paths = {}, []
+    for item in map(Path, a.images):
+        if not item.exists():
+            raise LiftError(f"{item}: no such file or folder")
+        paths += [str(q) for q in (list_images(item, notes) if item.is_dir() else [item])]
+    if not paths:
+        raise LiftError(f"{', '.join(a.images)}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    data = LTData(ImageSet([], []), ImageSet([], []), state["classnames"], np.asarray(state["train_counts"]))
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):                    # standard output is for the predictions
+        model = build_model(cfg, data, prepare_run(cfg))
+    read_checkpoint(a.checkpoint, cfg, data, model)
+    S = model.image_size
+    views = EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
+    logits, _ = over_dataset(lambda v: tte_logits(model, v), model, Views(ImageSet(paths, [0] * len(paths)), views), cfg)
+    prob, top = logits.softmax(dim=1).topk(min(a.top_k, data.num_classes), dim=1)  # [N, k]
+    rows = [{"image": path, "top": [{"class": data.classnames[c], "probability": round(float(q), 6)} for c, q in zip(t, pr)]}
+            for path, t, pr in zip(paths, top.tolist(), prob.tolist())]
+    if a.out and a.out.endswith(".json"):
+        return atomic_write(Path(a.out), json.dumps(rows, indent=1).encode())
+    import csv
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image"] + [f"{x}_{i + 1}" for i in range(len(rows[0]["top"])) for x in ("class", "probability")])
+    w.writerows([[r["image"]] + [v for t in r["top"] for v in (t["class"], t["probability"])] for r in rows])
+    atomic_write(Path(a.out), buf.getvalue().encode()) if a.out else print(buf.getvalue(), end="")
+
 
 if __name__ == "__main__":
     main()

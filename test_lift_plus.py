@@ -754,6 +754,8 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path):
     assert len(lines) == 4 and "| zeroshot |" in table and "| classifier |" in table
     assert lines[2].count("|") == lines[0].count("|")
     assert f"| {report['overall']:.2f} |" in lines[3 if "zeroshot" in lines[3] else 2]
+    classifier = lines[2 if "zeroshot" in lines[3] else 3]
+    assert re.search(r"\| \d+ s \| \d+ \|", classifier) and "| - | - |" in lines[3 if "zeroshot" in lines[3] else 2]
 
 
 # ------------------------------------------------------------------------------------------
@@ -1102,7 +1104,8 @@ def test_run_folder_is_checked_and_locked(configs, folder, tmp_path):
     (run / "lock").write_text(f"{dead} {socket.gethostname()}")     # its process is gone: a stale lock is taken over
     (run / f"checkpoint.pt.tmp{dead}").write_bytes(b"half a checkpoint")
     train_run(configs, folder, tmp_path, run_name="locked", epochs=1)
-    assert (run / "lock").read_text().startswith(f"{os.getpid()} ") and not (run / f"checkpoint.pt.tmp{dead}").exists()
+    assert not (run / f"checkpoint.pt.tmp{dead}").exists()
+    assert not (run / "lock").exists()                              # a finished run releases the folder
 
 
 def test_interrupts_and_unexpected_errors_end_in_one_line(configs, folder, tmp_path, capsys, monkeypatch):
@@ -1150,3 +1153,125 @@ def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_p
     (broken / "train" / "class_0" / "2.png").symlink_to(broken / "missing.png")  # a dangling link
     err = main_error(capsys, *args[:1], str(broken), *args[2:])
     assert re.search(r"error: 1 of the 5 train images are missing, e.g. .*class_0/2.png", err), err
+
+
+# ------------------------------------------------------------------------------------------
+# Appendix F. torchrun, metrics.jsonl, predict, iNaturalist's taxonomy levels
+# ------------------------------------------------------------------------------------------
+
+def torchrun(*args):
+    torchrun_bin = Path(sys.executable).parent / "torchrun"
+    return subprocess.run([str(torchrun_bin), "--standalone", "--nproc_per_node", "2", str(HERE / "lift_plus.py"), *args],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+
+
+def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monkeypatch):
+    """torchrun with 2 processes (gloo, CPU) equals one process: the same tuned weights after each epoch and
+    the same accuracy. Batch 14 in micro-batches of 7 leaves a last micro-batch of 1 image (one process gets
+    a padding item), and evaluation batches of 3 split unevenly; an interrupted run resumes under torchrun."""
+    flags = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
+             "--device", "cpu", "--epochs", "2", "--batch-size", "14", "--accum-steps", "2", "--eval-batch-size", "3",
+             "--out", str(tmp_path)]
+    r = torchrun(*flags, "--run-name", "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, one = train_run(configs, folder, tmp_path, run_name="one", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3)
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("two", "one"))
+    for k in b["tuned"]:
+        torch.testing.assert_close(a["tuned"][k], b["tuned"][k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["per_class_accuracy"] == one["per_class"] and two["metrics"]["overall"] == one["overall"]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    # interrupted in epoch 2 in one process, resumed by two: the weights of the uninterrupted run
+    real, calls = lp.logit_adjusted_loss, {"n": 0}
+
+    def dies_in_epoch_2(*a, **k):                                   # 8 micro-batches per epoch
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lp, "logit_adjusted_loss", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(configs, folder, tmp_path, run_name="resumed", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3)
+    lp.release_lock(tmp_path / "resumed" / "lock")                  # as the interrupted process does when it exits
+    r = torchrun(*flags, "--run-name", "resumed", "--resume")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    c = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    for k in b["tuned"]:
+        torch.testing.assert_close(c["tuned"][k], b["tuned"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_batches_cover_each_batch_once(monkeypatch):
+    for n, B, W in ((10, 4, 3), (7, 7, 2), (5, 2, 4)):
+        single = list(lp.ShardedBatches(n, B, torch.Generator().manual_seed(0)))
+        assert single == [torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[i:i + B] for i in range(0, n, B)]
+        shares = []
+        for r in range(W):
+            monkeypatch.setattr(lp, "rank", lambda r=r: r)
+            monkeypatch.setattr(lp, "processes", lambda W=W: W)
+            shares.append(list(lp.ShardedBatches(n, B, torch.Generator().manual_seed(0))))
+            assert all(len(b) > 0 for b in shares[-1])
+        for step, batch in enumerate(single):                       # the same images in every step, each once
+            assert sorted(i for s in shares for i in s[step] if i >= 0) == sorted(batch)
+            assert all(len(s) == len(single) for s in shares)      # every process runs every step
+        monkeypatch.undo()
+
+
+def test_metrics_jsonl_and_run_json(configs, folder, tmp_path):
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=2)
+    lines = [json.loads(x) for x in (tmp_path / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    state = torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)
+    assert [x["loss"] for x in lines] == state["train_loss"] and [x["lr"] for x in lines] == [0.02, 0.01]
+    for x in lines:
+        assert x["images_per_s"] > 0 and 0 <= x["data_wait"] <= 1 and x["epoch_s"] > 0 and x["peak_memory_gib"] > 0
+    run = json.loads((tmp_path / cfg.run_name / "run.json").read_text())
+    assert run["config"] == json.loads((tmp_path / cfg.run_name / "results.json").read_text())["config"]
+    assert run["versions"]["torch"] == torch.__version__ and run["processes"] == 1
+
+
+def test_predict_writes_top_k_with_the_runs_views(configs, folder, tmp_path, capsys):
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
+    ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
+    images = folder / "test" / "class_2"
+    lp.main(["predict", "--checkpoint", str(ckpt), str(images), str(folder / "test" / "class_0" / "1.png"),
+             "--top-k", "2", "--out", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png", "1.png"]
+    # the same probabilities as the evaluation path on those images, with TTE
+    _, data, model = tiny_model(configs, folder, epochs=1)
+    lp.read_checkpoint(ckpt, cfg, data, model)
+    paths = [r["image"] for r in rows]
+    views = lp.Views(lp.ImageSet(paths, [0] * 5), lp.EvalTransform(32, 35, True))
+    logits, _ = lp.over_dataset(lambda v: lp.tte_logits(model, v), model, views, cfg)
+    prob, top = logits.softmax(1).topk(2, dim=1)
+    for r, t, p in zip(rows, top.tolist(), prob.tolist()):
+        assert [x["class"] for x in r["top"]] == [data.classnames[c] for c in t]
+        assert [x["probability"] for x in r["top"]] == pytest.approx(p, abs=1e-6)
+    capsys.readouterr()
+    lp.main(["predict", "--checkpoint", str(ckpt), str(images / "0.png"), "--top-k", "1"])
+    assert capsys.readouterr().out.splitlines()[0] == "image,class_1,probability_1"
+    err = main_error(capsys, "predict", "--checkpoint", str(tmp_path / "none.pt"), str(images))
+    assert err == f"error: --checkpoint {tmp_path / 'none.pt'}: no such file"
+
+
+def test_inat_taxonomy_levels(tmp_path, configs):
+    cats = [{"id": 0, "name": "Canis lupus", "genus": "Canis", "family": "Canidae", "order": "Carnivora", "class": "Mammalia",
+             "phylum": "Chordata", "kingdom": "Animalia"},
+            {"id": 1, "name": "Vulpes vulpes", "genus": "Vulpes", "family": "Canidae", "order": "Carnivora", "class": "Mammalia",
+             "phylum": "Chordata", "kingdom": "Animalia"},
+            {"id": 2, "name": "Quercus robur", "genus": "Quercus", "family": "Fagaceae", "order": "Fagales", "class": "Magnoliopsida",
+             "phylum": "Tracheophyta", "kingdom": "Plantae"}]
+    (tmp_path / "categories.json").write_text(json.dumps(cats))
+    (tmp_path / "iNaturalist18_train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 2\nd.jpg 2\n")
+    (tmp_path / "iNaturalist18_val.txt").write_text("e.jpg 1\n")
+    expected = {"species": (["Canis lupus", "Quercus robur", "Vulpes vulpes"], [0, 2, 1, 1]),
+                "genus": (["Canis", "Quercus", "Vulpes"], [0, 2, 1, 1]),
+                "family": (["Canidae", "Fagaceae"], [0, 0, 1, 1]),
+                "kingdom": (["Animalia", "Plantae"], [0, 0, 1, 1])}
+    for level, (names, labels) in expected.items():
+        data = lp.build_data(make_cfg(configs, data="inat2018", root=str(tmp_path), cache=str(tmp_path / "c"), inat_level=level))
+        assert (data.classnames, data.train.labels) == (names, labels), level
+    with pytest.raises(lp.LiftError, match="--inat-level: applies to --data inat2018 only"):
+        make_cfg(configs, data="imagenet_lt", inat_level="genus")
