@@ -117,13 +117,12 @@ class Config:
 def finalize_config(cfg: Config) -> Config:
     """Check every flag, then derive every default that depends on others. The one writer of a Config:
     nothing changes it afterwards, and results.json records it as it is here."""
-    t = cfg.tuning
     check_flags(cfg)                                                # Appendix E: every value and combination
     if cfg.data == "shapes_lt":
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))     # Appendix C: the world brings its own CLIP
     full_lr = 0.002 if cfg.data == "places_lt" else 0.001
-    derived = dict(epochs=15 if cfg.data == "inat2018" else 5,
-                   lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
+    t = cfg.tuning
+    derived = dict(epochs=15 if cfg.data == "inat2018" else 5, lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
                    expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
                    workers=min(8, os.cpu_count() or 1),
@@ -404,10 +403,8 @@ class LiftViT(nn.Module):
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))  # [B, N, D]
         for i, blk in enumerate(blocks):
             x = insert_prompts(self, i, x)                          # Appendix A: VPT's prompts; nothing for LIFT+
-            if self.fast and i == len(blocks) - 1:
-                x = class_token_block(self, i, blk, x)              # Appendix D: [B, 1, D], the same class token
-            else:
-                x = self.block(i, blk, x)                           # [B, N, D]
+            last = self.fast and i == len(blocks) - 1               # Appendix D: the last block for the class token only
+            x = class_token_block(self, i, blk, x) if last else self.block(i, blk, x)  # [B, N, D] (last: [B, 1, D])
         return v.ln_post(x[:, 0])                                   # [B, D]
 
     def block(self, i: int, blk, x):
@@ -559,8 +556,7 @@ def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: 
 # 6. Training: SGD, cosine schedule, mixed precision, a checkpoint per epoch [paper: the LIFT+ framework]
 
 
-def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):
-    """Batches in the order of a seeded permutation (training), or in order; a process of torchrun takes its share."""
+def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):  # batches of a seeded permutation, or in order
     workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else cfg.workers  # tensors need no workers
     return torch.utils.data.DataLoader(Padded(dataset), batch_sampler=ShardedBatches(len(dataset), batch_size, generator),
                                        num_workers=workers, pin_memory=device.type == "cuda")  # Appendix F
@@ -570,8 +566,8 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
     """SGD with momentum and weight decay on the tuned parameters, cosine annealing stepped once per epoch, the
     logit-adjusted loss on MDA crops, a checkpoint per epoch; returns the per-epoch losses. features: Appendix D."""
     device, dtype = model.mean.device, amp_dtype(cfg, model.mean.device)  # Appendix D: bf16 / fp16 on GPUs
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     start_epoch, losses = resume(cfg, data, model, opt, sched, scaler, run_dir)  # Appendix E: --resume, exactly
@@ -589,7 +585,6 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
         loader = make_loader(train_set, micro, cfg, device, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         model.train()
         total, seen = torch.zeros((), device=device), 0             # the summed loss stays on the device: no sync per step
-        opt.zero_grad(set_to_none=True)
         for j, (views, y) in enumerate(progress.timed(loader)):    # (timed: the wait for data is measured)
             step, last = j // cfg.accum_steps, j + 1 == len(loader)
             n_step = min(cfg.batch_size, N - step * cfg.batch_size)  # images in this optimiser step (in all processes)
@@ -693,11 +688,9 @@ def evaluate(cfg: Config, data: LTData, model: LiftModel) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["table"]:                                       # Appendix A: python lift_plus.py table runs/
-        return print(results_table(argv[1] if len(argv) > 1 else "runs"))
     with clean_exit() as session:                                   # Appendix E: one line for every error and interrupt
-        if argv[:1] == ["predict"]:                                 # Appendix F: top-k classes of new images
-            return predict_main(argv[1:])
+        if argv[:1] in (["table"], ["predict"]):                    # Appendix A: the results table; F: new images' classes
+            return (table_main if argv[0] == "table" else predict_main)(argv[1:])
         cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
         data, model = fit(cfg)
         (check_inputs if cfg.check else evaluate)(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
@@ -900,6 +893,11 @@ def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
     """The normalised weight rows of a linear probe (the bias is dropped)."""
     W, _ = logistic_regression(feats, labels, num_classes)
     return F.normalize(W, dim=-1).float()
+
+
+def table_main(argv: list):
+    """python lift_plus.py table [FOLDER]: every run's results under FOLDER (default runs/) as one Markdown table."""
+    print(results_table(argv[0] if argv else "runs"))
 
 
 def results_table(folder) -> str:
