@@ -967,6 +967,23 @@ def png_16bit_rgb(path: Path, a: np.ndarray):
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
+def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path):
+    """The fast JPEG path (TorchCodec) gives PIL's pixels, and a JPEG with an EXIF rotation is read as PIL
+    and the LIFT+ code read it: not rotated."""
+    assert lp.torchcodec_jpeg() is not None                          # the pinned install has TorchCodec
+    pil = natural_image(60, 80)
+    pil.save(tmp_path / "plain.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                # "rotate 90 degrees to display"
+    pil.save(tmp_path / "rotated.jpg", quality=90, exif=exif.tobytes())
+    Image.fromarray(np.asarray(pil)[..., 0]).save(tmp_path / "gray.jpg", quality=90)
+    for name in ("plain.jpg", "rotated.jpg", "gray.jpg"):
+        ref = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(lp.read_image(tmp_path / name), ref), name
+    assert lp.decode_jpeg_fast((tmp_path / "plain.jpg").read_bytes()) is not None
+    assert lp.decode_jpeg_fast((tmp_path / "rotated.jpg").read_bytes()) is None  # PIL reads it
+
+
 def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
     rng = np.random.RandomState(0)
     rgb = rng.randint(0, 256, (12, 16, 3)).astype(np.uint8)
