@@ -11,14 +11,14 @@ feature distributions of the tail classes disagree, which biases predictions tow
                     + minimalist data augmentation (MDA)      [paper: minimalist data augmentation]
                     + test-time ensembling of five crops      [paper: test-time ensembling]
 
-Part I is the method alone, in the order it runs:
-    1 Config  2 Data  3 Transforms  4 Model  5 Loss  6 Training  7 Evaluation  8 Main
-The appendices plug into Part I at lines marked "# Appendix X":
+Part I is the method alone, in the order it runs: 1 Config, 2 Data, 3 Transforms, 4 Model, 5 Loss, 6 Training,
+7 Evaluation, 8 Main. The appendices plug into Part I at lines marked "# Appendix X":
     A  the paper's baselines: other tuning methods, classifier inits, the results table
     B  weights and split lists offline: downloads, OpenAI's TorchScript file
     C  the offline world: a tiny CLIP and a long-tailed task that run on a laptop CPU
     D  speed: the same values, computed faster
     E  reliability: every input checked, checkpoints and exact resume, the run's files
+    F  past one GPU and one run: torchrun, metrics.jsonl, predict, iNaturalist's taxonomy levels
 
 Quick start (CPU, no network):  python lift_plus.py --data shapes_lt
 Paper setting (GPU, internet):  python lift_plus.py --data imagenet_lt --root /data/imagenet
@@ -896,8 +896,13 @@ def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def table_main(argv: list):
-    """python lift_plus.py table [FOLDER]: every run's results under FOLDER (default runs/) as one Markdown table."""
-    print(results_table(argv[0] if argv else "runs"))
+    """python lift_plus.py table [FOLDER]: every run's results under FOLDER as one Markdown table."""
+    p = Parser(prog="lift_plus.py table", description=table_main.__doc__)
+    p.add_argument("folder", nargs="?", default="runs", help="searched at any depth for results*.json (default: runs)")
+    folder = p.parse_args(argv).folder
+    if not Path(folder).is_dir():
+        raise LiftError(f"{folder}: no such folder")
+    print(results_table(folder))
 
 
 def results_table(folder) -> str:
@@ -913,8 +918,10 @@ def results_table(folder) -> str:
         epochs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() and path.name == "results.json" else []
         speed = (f"{sum(e['epoch_s'] for e in epochs):.0f} s | {np.mean([e['images_per_s'] for e in epochs]):.0f}" if epochs
                  else "- | -")
-        rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {c['init']} | {c['loss']} | {c['mda']} | "
-                    f"{c['tte']} | {c['epochs']} | {r['params']['tuned']:,} | {speed} | " +
+        trained = c["tuning"] != "zeroshot"                         # zero-shot has no init, loss, crops or epochs
+        fields = [c[k] if trained else "-" for k in ("init", "loss", "mda")] + [c["tte"], c["epochs"] if trained else "-"]
+        rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {' | '.join(map(str, fields))} | "
+                    f"{r['params']['tuned']:,} | {speed} | " +
                     " | ".join(cell(m[k]) for k in ("overall", "many", "medium", "few")) + " |")
     return "\n".join(rows)
 
@@ -1687,10 +1694,10 @@ def count_params(model: LiftModel) -> dict:
 def describe_tuning(model: LiftModel) -> str:
     params = count_params(model)
     share = lambda n: f"{100 * n / params['image_encoder']:.2f}%"
-    sizes = ", ".join(f"{k}={v}" for k, v in model.sizes.items() if k not in ("tuning", "blocks"))
+    sizes = "".join(f"; {k}={v}" for k, v in model.sizes.items() if k not in ("tuning", "blocks"))
     return (f"tuning {model.sizes['tuning']}: {params['method']:,} method + {params['classifier']:,} classifier parameters "
             f"tuned ({share(params['method'])} + {share(params['classifier'])} of the {params['image_encoder']:,}-parameter "
-            f"image encoder); {sizes}")
+            f"image encoder){sizes}")
 
 
 def run_folder(cfg: Config) -> Path:
@@ -1985,8 +1992,8 @@ class clean_exit:
         import traceback
         log = Path(tempfile.gettempdir()) / f"lift_plus_error_{os.getpid()}.log"
         log.write_text("".join(traceback.format_exception(kind, e, tb)))
-        say(f"error: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''} "
-            f"(a bug in lift_plus; the traceback is in {log})")
+        say(f"error: an internal error ({type(e).__name__}) ended the run: a bug in lift_plus, not in your input; "
+            f"please report it with the traceback in {log}")
         sys.exit(1)
 # ==========================================================================================
 # APPENDIX F. Past one GPU and one run: torchrun, metrics.jsonl, predict, iNaturalist's taxonomy
