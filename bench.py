@@ -3,6 +3,7 @@ frozen-feature modes, printed as a table. Not part of the tests.
 
     python bench.py            # the full table on this machine (about 15 minutes on 2 CPU cores)
     python bench.py --quick    # fewer repeats
+    python bench.py --input-only --quick   # only the input path against the model's training rate (a few minutes)
 
 CPU: random-weight ViT-B/16 at 224, fp32, 2 threads. On a GPU (when one is present) the model
 sections run in bf16 autocast as training does. Every model measurement runs in a fresh
@@ -238,6 +239,69 @@ def input_pipeline(count=200):
     return rates
 
 
+def loader_rates(count, workers=(0, 1, 2), passes=3, device="cpu", batch=32):
+    """Images per second of the input path as lp.train uses it: lp.make_loader over lp.Views(lp.ImageSet of
+    `count` JPEG files (500x375), MDATransform), batches of `batch`, for each number of worker processes in
+    `workers`. A fresh loader per pass, as train makes one per epoch (worker start-up included); one warm-up
+    pass, then the median of `passes`. device 'cuda' only turns on pin_memory, as in training."""
+    torch.set_num_threads(2)                                # the main process's threads when workers = 0
+    rates = {}
+    with tempfile.TemporaryDirectory() as d:
+        natural_jpegs(Path(d), count)
+        paths = [str(Path(d) / f"{i}.jpg") for i in range(count)]
+        lp.read_image(paths[0])                             # TorchCodec loaded before the workers fork
+        views = lp.Views(lp.ImageSet(paths, [i % K for i in range(count)]), lp.MDATransform(224, 5, "convex", 0.08, seed=0))
+        for w in workers:
+            cfg = lp.finalize_config(lp.Config(data="imagenet_lt", workers=w))
+            times = []
+            for p in range(1 + passes):
+                loader = lp.make_loader(views, batch, cfg, torch.device(device), torch.Generator().manual_seed(p))
+                times.append(timed(lambda: sum(len(y) for _, y in loader)))
+            rates[w] = count / statistics.median(times[1:])
+    return rates
+
+
+def verdict(input_name, input_rate, model_name, model_rate) -> str:
+    """Which of the two limits training throughput: the slower one."""
+    ratio = max(input_rate, model_rate) / min(input_rate, model_rate)
+    times = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+    if input_rate >= model_rate:
+        tail = f"the model limits (input is {times} faster)"
+    else:
+        tail = f"the input path limits (the model is {times} faster)"
+    return f"{input_name}: {input_rate:.0f} img/s; {model_name}: {model_rate:.1f} img/s -> {tail}"
+
+
+def input_vs_model(quick, step32):
+    """The input path as training loads it (0, 1, 2 workers) against the fast path's CPU training rate at
+    batch 32 (`step32`: its measure() result), and which one limits."""
+    count = 128 if quick else 256
+    rates = loader_rates(count, (0, 1, 2), passes=2 if quick else 3)
+    model_rate = 32 / step32["median_s"]
+    print()
+    print(f"| input path vs model, training (batch 32, {count} JPEGs 500x375, MDA) | images/s |")
+    print("|---|---|")
+    for w, r in rates.items():
+        where = " (transforms in the main process, 2 threads)" if w == 0 else ""
+        print(f"| input path: lp.make_loader, {w} worker{'s' if w != 1 else ''}{where} | {r:.0f} img/s |")
+    print(f"| model: training step, batch 32, ours, CPU fp32 2 threads | {model_rate:.1f} img/s |")
+    print()
+    print(verdict("input path with 2 workers", rates[2], "model training step", model_rate))
+    print("On a CPU-only machine the loader's workers and the model step compete for the same cores, so training "
+          "runs slower than either rate alone; on a GPU the verdict compares CPU workers against GPU steps.")
+
+
+def gpu_input_vs_model(quick, train128):
+    """GPU machine: the input path with min(8, CPUs) workers (pinned memory, as training) against the GPU bf16
+    training rate at batch 128 (`train128`: its measure() result). GPU JPEG decoding is not in lift_plus."""
+    w = min(8, os.cpu_count() or 1)
+    count = 32 * w * (2 if quick else 4)                    # two or four batches per worker
+    rate = loader_rates(count, (w,), passes=2 if quick else 3, device="cuda")[w]
+    print(f"| input path: lp.make_loader, {w} workers, pinned ({count} JPEGs 500x375, MDA, batch 32) | | {rate:.0f} img/s | |")
+    print()
+    print(verdict(f"input path with {w} CPU workers", rate, "GPU bf16 training step, batch 128", 128 / train128["median_s"]))
+
+
 def frozen_feature_modes(count=2000, threads=2):
     """Classifier-only epochs on ViT-B/32 features: running the frozen backbone every epoch against
     --cache-features; and the one-pass modes (zero-shot evaluation, class-mean and linear-probe inits)."""
@@ -274,6 +338,8 @@ def frozen_feature_modes(count=2000, threads=2):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one warm-up and two timed repeats, fewer images")
+    p.add_argument("--input-only", action="store_true",
+                   help="only the input path against the model's training rate (and its one training-step measurement)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--what", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -289,6 +355,16 @@ def main():
 
     reps = 2 if args.quick else 3
     gib = 2 ** 30
+    if args.input_only:
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 threads, fp32, random-weight ViT-B/16 at 224, {K} classes")
+        input_vs_model(args.quick, measure("train", 32, "fast", "default", repeats=reps))
+        if torch.cuda.is_available():
+            print()
+            train128 = measure("train", 128, "fast", repeats=10, warmup=3, device="cuda")
+            print(f"| GPU bf16 train, batch 128 | {train128['median_s'] * 1000:.1f} ms | {128 / train128['median_s']:.0f} img/s | "
+                  f"peak {train128['peak_bytes'] / gib:.2f} GiB |")
+            gpu_input_vs_model(args.quick, train128)
+        return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 threads, fp32, random-weight ViT-B/16 at 224, {K} classes")
     peak = matmul_gflops()
     dlogit, dgrad = check_equivalence()
@@ -329,12 +405,15 @@ def main():
           f"{fm['backbone_epoch_s'] / fm['cached_epoch_s']:.0f}x faster per epoch | | |")
     print(f"| one-pass frozen modes on those features | | | zero-shot / feature pass {fm['extract_s']:.1f} s, "
           f"class-mean fit {fm['class_mean_fit_s']:.3f} s, linear-probe fit {fm['linear_probe_fit_s']:.2f} s | | | |")
+    input_vs_model(args.quick, results["step32_s"][0])
     if torch.cuda.is_available():
         print()
+        gpu = {}
         for what, batch in (("train", 32), ("train", 128), ("eval_tte", 32)):
-            r = measure(what, batch, "fast", repeats=10, warmup=3, device="cuda")
+            r = gpu[what, batch] = measure(what, batch, "fast", repeats=10, warmup=3, device="cuda")
             print(f"| GPU bf16 {what}, batch {batch} | {r['median_s'] * 1000:.1f} ms | {batch / r['median_s']:.0f} img/s | "
                   f"peak {r['peak_bytes'] / gib:.2f} GiB |")
+        gpu_input_vs_model(args.quick, gpu["train", 128])
 
 
 if __name__ == "__main__":
