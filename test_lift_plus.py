@@ -99,6 +99,20 @@ def randomize_(module: torch.nn.Module, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def interrupt_loss_call(monkeypatch, n: int):
+    """Make the n-th call of the loss (one per micro-batch) raise KeyboardInterrupt, as Ctrl-C would."""
+    real, calls = lp.logit_adjusted_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lp, "logit_adjusted_loss", loss)
+    return real
+
+
 def fit_and_evaluate(cfg):
     data, model = lp.fit(cfg)
     return lp.evaluate(cfg, data, model)
@@ -508,16 +522,7 @@ def test_checkpoint_of_another_tuning_mode_is_refused(configs, folder, tmp_path)
 
 def test_interrupted_run_resumes_exactly(configs, folder, tmp_path, monkeypatch):
     _, full = train_run(configs, folder, tmp_path / "a", epochs=3, seed=1)
-    calls = {"n": 0}
-    real_loss = lp.logit_adjusted_loss
-
-    def dies_in_epoch_2(*a, **k):                                   # 50 images / batch 8 = 7 steps per epoch
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(lp, "logit_adjusted_loss", dies_in_epoch_2)
+    real_loss = interrupt_loss_call(monkeypatch, 10)                # 50 images / batch 8 = 7 steps per epoch: epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_run(configs, folder, tmp_path / "b", epochs=3, seed=1)
     monkeypatch.setattr(lp, "logit_adjusted_loss", real_loss)
@@ -1128,19 +1133,10 @@ def test_run_folder_is_checked_and_locked(configs, folder, tmp_path):
 def test_interrupts_and_unexpected_errors_end_in_one_line(configs, folder, tmp_path, capsys, monkeypatch):
     base = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
             "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path), "--device", "cpu"]
-    real = lp.logit_adjusted_loss
-    calls = {"n": 0, "at": 3}
-
-    def interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == calls["at"]:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(lp, "logit_adjusted_loss", interrupt)
     for at, name, hint in ((3, "a", r"interrupted before any epoch finished: nothing to resume"),
                            (10, "b", r"interrupted; epoch 1/2 is in .*b/checkpoint.pt: continue with --resume")):
-        calls.update(n=0, at=at)
+        monkeypatch.undo()
+        interrupt_loss_call(monkeypatch, at)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             lp.main(base + ["--run-name", name])
@@ -1201,15 +1197,7 @@ def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monk
     assert two["per_class_accuracy"] == one["per_class"] and two["metrics"]["overall"] == one["overall"]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     # interrupted in epoch 2 in one process, resumed by two: the weights of the uninterrupted run
-    real, calls = lp.logit_adjusted_loss, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):                                   # 8 micro-batches per epoch
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(lp, "logit_adjusted_loss", dies_in_epoch_2)
+    interrupt_loss_call(monkeypatch, 11)                            # 8 micro-batches per epoch: in epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_run(configs, folder, tmp_path, run_name="resumed", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3)
     lp.release_lock(tmp_path / "resumed" / "lock")                  # as the interrupted process does when it exits
