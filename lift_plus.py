@@ -1774,8 +1774,9 @@ def prepare_run(cfg: Config) -> torch.device:
     if ckpt.exists() and not cfg.resume and cfg.tuning != "zeroshot":
         raise LiftError(f"{ckpt} exists: pass --resume to continue that run, or --run-name NAME for a new one")
     versions = {m: __import__(m).__version__ for m in ("torch", "torchvision", "open_clip", "numpy", "PIL")}
-    atomic_write(folder / "run.json", json.dumps({"config": dataclasses.asdict(cfg), "versions": versions, "python": sys.version.split()[0],
-                                                 "device": str(device), "processes": processes(), "argv": sys.argv}, indent=1).encode())
+    if not cfg.check:                                               # --check leaves no files behind
+        atomic_write(folder / "run.json", json.dumps({"config": dataclasses.asdict(cfg), "versions": versions, "python": sys.version.split()[0],
+                                                     "device": str(device), "processes": processes(), "argv": sys.argv}, indent=1).encode())
     if processes() > 1:
         torch.distributed.barrier()
     return device

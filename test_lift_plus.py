@@ -1159,7 +1159,7 @@ def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_p
     lp.main(args)
     out = capsys.readouterr().out
     assert "check passed: flags, 66 image files" in out and not (tmp_path / "c" / "checkpoint.pt").exists()
-    assert not (tmp_path / "c" / "results.json").exists()
+    assert not (tmp_path / "c" / "results.json").exists() and not (tmp_path / "c" / "run.json").exists()
     broken = tmp_path / "broken"
     write_images(broken / "train", [3, 2], seed=0)
     write_images(broken / "test", [1, 1], seed=1)
