@@ -126,7 +126,7 @@ def finalize_config(cfg: Config) -> Config:
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
                    expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
                    workers=min(8, os.cpu_count() or 1),
-                   run_name=None if cfg.eval_only else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
+                   run_name=None if cfg.checkpoint else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
     return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
 
 

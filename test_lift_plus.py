@@ -750,7 +750,10 @@ def test_classifier_inits(configs, folder, init):
 
 
 def test_zeroshot_and_results_table(configs, folder, tmp_path):
+    _, evaluated = train_run(configs, folder, tmp_path / "e", tuning="zeroshot", eval_only=True, run_name="zs")
+    assert (tmp_path / "e" / "zs" / "results_eval_tte3.json").exists()  # zero-shot evaluates without a checkpoint
     cfg, report = train_run(configs, folder, tmp_path, tuning="zeroshot")
+    assert report["per_class"] == evaluated["per_class"]
     assert not (tmp_path / cfg.run_name / "checkpoint.pt").exists()  # zero-shot trains nothing
     assert json.loads((tmp_path / cfg.run_name / "results.json").read_text())["train_loss"] == []
     train_run(configs, folder, tmp_path, tuning="classifier", epochs=1)
