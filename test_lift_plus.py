@@ -749,9 +749,11 @@ def test_classifier_inits(configs, folder, init):
         assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
 
 
-def test_zeroshot_and_results_table(configs, folder, tmp_path):
-    _, evaluated = train_run(configs, folder, tmp_path / "e", tuning="zeroshot", eval_only=True, run_name="zs")
-    assert (tmp_path / "e" / "zs" / "results_eval_tte3.json").exists()  # zero-shot evaluates without a checkpoint
+def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
+    other = tmp_path_factory.mktemp("zeroshot_eval")
+    _, evaluated = train_run(configs, folder, other, tuning="zeroshot", eval_only=True, run_name="zs")
+    assert (other / "zs" / "results_eval_tte3.json").exists()       # zero-shot evaluates without a checkpoint
+    tmp_path = tmp_path_factory.mktemp("table")
     cfg, report = train_run(configs, folder, tmp_path, tuning="zeroshot")
     assert report["per_class"] == evaluated["per_class"]
     assert not (tmp_path / cfg.run_name / "checkpoint.pt").exists()  # zero-shot trains nothing
