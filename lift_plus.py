@@ -165,8 +165,7 @@ class ImageSet(torch.utils.data.Dataset):
 def read_image(path) -> torch.Tensor:
     """Decode an image file to RGB uint8 [3, H, W], naming the file if it cannot."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = Path(path).read_bytes()
         img = decode_jpeg_fast(raw)                                 # Appendix D: TorchCodec for JPEGs, else None
         return img if img is not None else torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
