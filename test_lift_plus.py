@@ -1179,8 +1179,9 @@ def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_p
 # ------------------------------------------------------------------------------------------
 
 def torchrun(*args):
-    torchrun_bin = Path(sys.executable).parent / "torchrun"
-    return subprocess.run([str(torchrun_bin), "--standalone", "--nproc_per_node", "2", str(HERE / "lift_plus.py"), *args],
+    """torchrun as `python -m torch.distributed.run` (the same launcher; a moved venv's console scripts break)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "lift_plus.py"), *args],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
 
 
