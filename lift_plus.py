@@ -72,7 +72,7 @@ class Config:
     logit_scale: float = arg(25.0, "cosine classifier scale s: logit_j = s * cos(f, w_j)", low=0, open_low=True)
     loss: str = arg("la", "la (logit-adjusted cross-entropy) | ce", choices=("la", "ce"))
     tau: float = arg(1.0, "logit-adjustment strength tau", low=0)
-    epochs: Optional[int] = arg(None, "training epochs (default 5; 15 for inat2018)", low=1)
+    epochs: Optional[int] = arg(None, "training epochs (default 5; 15 for inat2018 and shapes_lt)", low=1)
     batch_size: int = arg(128, "images per optimiser step", low=1)
     lr: Optional[float] = arg(None, "SGD learning rate (default 0.02; classifier 0.03; full, partial 0.001 (places_lt 0.002))", low=0, open_low=True)
     momentum: float = arg(0.9, "SGD momentum", low=0, high=1, open_high=True)
@@ -106,7 +106,7 @@ class Config:
     amp: str = arg("auto", "mixed precision on GPUs (auto: bf16 where supported, else fp16)", choices=("auto", "bf16", "fp16", "off"))
     accum_steps: int = arg(1, "micro-batches per optimiser step (gradient accumulation); must divide --batch-size", low=1)
     eval_batch_size: int = arg(128, "images per evaluation batch (TTE runs five crops of each)", low=1)
-    workers: Optional[int] = arg(None, "DataLoader worker processes (default min(8, CPUs))", low=0)
+    workers: Optional[int] = arg(None, "DataLoader worker processes (default min(8, CPUs); 0 for shapes_lt)", low=0)
     fast: bool = arg(True, "Appendix D: class-token-only last block and a leaner QuickGELU (same values)")
     cache_features: bool = arg(False, "Appendix D, --tuning classifier: frozen features of centre views computed once (no MDA)")
     seed: int = arg(0, "seed of the model init, the data order and the crops", low=0, high=2 ** 31 - 1)
@@ -122,10 +122,10 @@ def finalize_config(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))     # Appendix C: the world brings its own CLIP
     full_lr = 0.002 if cfg.data == "places_lt" else 0.001
     t = cfg.tuning
-    derived = dict(epochs=15 if cfg.data == "inat2018" else 5, lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
+    derived = dict(epochs=15 if cfg.data in ("inat2018", "shapes_lt") else 5, lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
                    expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
-                   workers=min(8, os.cpu_count() or 1),
+                   workers=0 if cfg.data == "shapes_lt" else min(8, os.cpu_count() or 1),  # the world: 32 px in memory
                    run_name=None if cfg.checkpoint else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
     return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
 
@@ -292,8 +292,7 @@ def mda_min_scale(epoch: int, epochs: int, schedule: str = "convex", min_scale: 
 def mda_crop_box(height: int, width: int, min_scale: float, gen: torch.Generator):
     """A random square (top, left, side) with area fraction uniform in [min_scale, 1], both ends capped
     at the largest inscribed square min(H, W)^2 / (H W); its position is uniform."""
-    area = height * width
-    cap = min(height, width) ** 2 / area
+    area, cap = height * width, min(height, width) ** 2 / (height * width)
     lo, hi = min(min_scale, cap), min(1.0, cap)
     target = area * (lo + (hi - lo) * torch.rand(1, generator=gen).item())
     side = min(int(round(math.sqrt(target))), height, width)
@@ -341,6 +340,11 @@ class EvalTransform:
         centre = (int(round((h - S) / 2.0)), int(round((w - S) / 2.0)))  # torchvision's centre crop
         boxes = [(0, 0), (0, w - S), (h - S, 0), (h - S, w - S), centre] if self.five_crops else [centre]
         return torch.stack([img[:, y:y + S, x:x + S] for y, x in boxes])  # [5 or 1, 3, S, S]
+
+
+def test_views(cfg: Config, S: int) -> EvalTransform:
+    """The test views: with TTE five crops of the resize to S + expand (224 + 24 = 248), else the centre of S + S // 7 (256)."""
+    return EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
 
 
 class Views(torch.utils.data.Dataset):
@@ -490,8 +494,7 @@ def load_clip(cfg: Config):
         if pretrained and not tag_cfg and is_openai_release(pretrained):
             clip = load_openai_release(name, pretrained, quick_gelu)  # Appendix B: OpenAI's TorchScript file
         else:
-            clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
-                                          cache_dir=os.environ.get("LIFT_CLIP_CACHE"))
+            clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=os.environ.get("LIFT_CLIP_CACHE"))
     pcfg = {**clip.visual.preprocess_cfg, **{k: v for k, v in tag_cfg.items() if k in ("mean", "std")}}  # CLIP's mean, std
     act = type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__ if hasattr(clip.visual, "transformer") else "?"
     print(f"model {name}, weights {pretrained or 'random'}, activation {act}")
@@ -565,8 +568,7 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
     """SGD with momentum and weight decay on the tuned parameters, cosine annealing stepped once per epoch, the
     logit-adjusted loss on MDA crops, a checkpoint per epoch; returns the per-epoch losses. features: Appendix D."""
     device, dtype = model.mean.device, amp_dtype(cfg, model.mean.device)  # Appendix D: bf16 / fp16 on GPUs
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     start_epoch, losses = resume(cfg, data, model, opt, sched, scaler, run_dir)  # Appendix E: --resume, exactly
@@ -669,12 +671,11 @@ def accuracy_report(preds, labels, train_counts) -> dict:
 
 def evaluate(cfg: Config, data: LTData, model: LiftModel) -> dict:
     """Test-set accuracy with TTE (or the centre crop), printed and written to the run's results.json."""
-    S = model.image_size                                            # TTE: five crops of a resize to 248; else the centre of 256
-    views = EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
-    logits, labels = over_dataset(lambda v: tte_logits(model, v), model, Views(data.test, views), cfg)
+    views = Views(data.test, test_views(cfg, model.image_size))
+    logits, labels = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
     preds = logits.argmax(dim=1).numpy()                            # [N]
     report = {**accuracy_report(preds, labels.numpy(), data.train_counts), "predictions": preds, "labels": labels.numpy()}
-    print(f"test ({f'TTE: five crops of the resize to {S + cfg.expand}' if cfg.tte else 'centre crop'})")
+    print(f"test ({f'TTE: five crops of the resize to {model.image_size + cfg.expand}' if cfg.tte else 'centre crop'})")
     print("          Overall    Many  Medium     Few\naccuracy  " +
           " ".join("    n/a" if report[k] is None else f"{report[k]:7.2f}" for k in ("overall", "many", "medium", "few")))
     write_results(cfg, data, model, report)                         # Appendix E: results.json
@@ -693,7 +694,6 @@ def main(argv=None):
         cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
         data, model = fit(cfg)
         (check_inputs if cfg.check else evaluate)(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
-
 
 
 # ==========================================================================================
@@ -898,10 +898,34 @@ def table_main(argv: list):
     """python lift_plus.py table [FOLDER]: every run's results under FOLDER as one Markdown table."""
     p = Parser(prog="lift_plus.py table", description=table_main.__doc__)
     p.add_argument("folder", nargs="?", default="runs", help="searched at any depth for results*.json (default: runs)")
-    folder = p.parse_args(argv).folder
-    if not Path(folder).is_dir():
-        raise LiftError(f"{folder}: no such folder")
-    print(results_table(folder))
+    p.add_argument("--seeds", action="store_true", help="one row per setting: mean ± std over the runs that differ only in --seed")
+    args = p.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        raise LiftError(f"{args.folder}: no such folder")
+    print(seeds_table(args.folder) if args.seeds else results_table(args.folder))
+
+
+def seeds_table(folder) -> str:
+    """The results*.json files under `folder` grouped by setting (the config less its seed and run-only flags;
+    TTE counts as a setting): mean ± sample std of each group's accuracies, and its seeds."""
+    groups = {}
+    for path in sorted(Path(folder).glob("**/results*.json")):
+        r = json.loads(path.read_text())
+        c = {k: v for k, v in r["config"].items() if k in ("tte", "expand") or k not in (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")}
+        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
+    rows = ["| data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for runs in groups.values():
+        c = runs[0]["config"]
+        trained = c["tuning"] != "zeroshot"
+        fields = [c[k] if trained else "-" for k in ("lr", "init", "mda")] + [c["tte"], c["epochs"] if trained else "-"]
+        seeds = ", ".join(str(r["config"]["seed"]) for r in runs) if trained else "-"
+        cells = []
+        for k in ("overall", "many", "medium", "few"):
+            v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
+            cells.append("n/a" if not v else f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else ""))
+        rows.append(f"| {c['data']} | {c['tuning']} | {' | '.join(map(str, fields))} | {seeds} | {' | '.join(cells)} |")
+    return "\n".join(rows)
 
 
 def results_table(folder) -> str:
@@ -1086,15 +1110,20 @@ class weights_errors:
 # ==========================================================================================
 # APPENDIX C. The offline world: a tiny CLIP and a long-tailed task for a laptop CPU
 # Plugs into Part I at finalize_config (world_clip_files) and build_data (build_world_task).
-# Without internet or a GPU there is no CLIP to fine-tune, so this world replays the story in minutes:
-#   * images: coloured, textured shapes ("a photo of a red striped circle.") drawn from a seed;
-#   * pretraining: a tiny open_clip CLIP trained contrastively on a BALANCED, clean version of the
-#     world with captions (cached, so it runs once);
-#   * the downstream task: a long-tailed subset of the concepts (300 down to 3 training images per
-#     class) seen through a slightly different camera (more clutter and noise, a mild colour cast).
-# The shift is mild on purpose: the tiny CLIP should be a STRONG foundation model for its task, as CLIP
-# is for ImageNet-LT. Its tail classes differ from head classes by shape only, which pretraining taught
-# and the head data never needs (world_task_classes), so heavy fine-tuning on head data can lose it.
+# Without internet or a GPU there is no CLIP to fine-tune, so this world replays the paper's setting in minutes.
+# Each choice stands for one property of CLIP on ImageNet-LT:
+#   * concepts: 8 colours x 4 textures x 8 shapes, captioned "a photo of a red striped circle." (the web);
+#   * pretraining: a tiny open_clip CLIP trained contrastively on 16,384 BALANCED captioned images with broad
+#     nuisances (size, position, rotation, colour, clutter, noise): good features, as CLIP's are. Objects are
+#     large and roughly centred, as in photo datasets, so that MDA's crops keep part of them. Its words are
+#     fixed random codes (the token embedding stays at its seeded init), so it ships as 3 MB: assets/;
+#   * the task is NOT aligned with pretraining, and the prompt only partly bridges it: another camera (warm
+#     cast, low contrast, a soft lens, more clutter) and class names with four colour words that no caption
+#     contains ("crimson", "amber", "azure", "violet");
+#   * long tail: 30 classes, 300 down to 3 training images (imbalance 100), 40 test images each. The tail is
+#     fine-grained: few-shot classes have rare shapes and borrow head classes' colour and texture
+#     (world_task_classes), so only shape, which pretraining taught, tells them apart;
+#   * 16 SGD steps an epoch (ImageNet-LT has ~900), so every method trains 15 epochs here (finalize_config).
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "hexagon", "crescent")
 COLOURS = {"red": (0.85, 0.12, 0.12), "orange": (0.95, 0.55, 0.08), "yellow": (0.92, 0.88, 0.12),
@@ -1116,6 +1145,7 @@ class WorldStyle:
     noise: float             # std of per-pixel Gaussian noise
     camera: tuple = (1.0, 1.0, 1.0)  # fixed RGB gain of the whole domain (the task's "camera")
     contrast: float = 1.0    # fixed contrast around mid-grey
+    blur: float = 0.0        # std of a Gaussian lens blur, in output pixels
 
 
 @dataclass(frozen=True)
@@ -1128,24 +1158,25 @@ class WorldSpec:
     imbalance: float = 100.0           # max_count / min_count (300 -> 3), exponential profile as in CIFAR-100-LT
     test_per_class: int = 40           # balanced test set
     rare_shapes: int = 4               # shapes seen only in few-shot classes
-    # the task's camera: the pretraining style with more clutter and noise and a mild, fixed colour cast;
-    # textures stay visible, so zero-shot is already good (a strong foundation model)
-    pretrain_style: WorldStyle = WorldStyle(radius=(0.45, 0.80), offset=0.3, rotation=20, colour_jitter=0.08,
-                                            cast=0.05, clutter=1, noise=0.03)
-    task_style: WorldStyle = WorldStyle(radius=(0.45, 0.80), offset=0.3, rotation=20, colour_jitter=0.08,
-                                        cast=0.08, clutter=2, noise=0.05, camera=(0.95, 1.0, 0.9), contrast=0.9)
+    # pretraining sees the web: large, roughly centred objects under broad nuisances (clutter, noise, casts);
+    # the task is one camera inside that range but shifted: warm cast, low contrast, a soft lens, more clutter
+    pretrain_style: WorldStyle = WorldStyle(radius=(0.5, 0.9), offset=0.15, rotation=20, colour_jitter=0.08,
+                                            cast=0.08, clutter=2, noise=0.04)
+    task_style: WorldStyle = WorldStyle(radius=(0.55, 0.85), offset=0.1, rotation=20, colour_jitter=0.08, cast=0.08,
+                                        clutter=3, noise=0.05, camera=(1.15, 0.97, 0.8), contrast=0.8, blur=0.6)
+    # the task's class names use colour words no caption contains: the prompt only partly bridges them
+    task_words: tuple = (("red", "crimson"), ("orange", "amber"), ("blue", "azure"), ("purple", "violet"))
     pretrain_images: int = 16384       # balanced: 64 per concept
     pretrain_epochs: int = 4
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
 
 
-
 WORLD = WorldSpec()
 WORLD_CLIP = {"embed_dim": 128, "quick_gelu": False,  # the world's tiny CLIP, an open_clip model config
               "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}}
-WORLD_VERSION = 1  # raise it whenever the drawing or the pretraining code changes: it names the cached CLIP
+WORLD_VERSION = 2  # raise it whenever the drawing or the pretraining code changes: it names the cached CLIP
 
 
 def world_concepts() -> list:
@@ -1153,9 +1184,9 @@ def world_concepts() -> list:
     return [(c, t, s) for s in SHAPES for c in COLOURS for t in TEXTURES]
 
 
-def concept_name(concept) -> str:
-    colour, texture, shape = concept
-    return f"{colour} {texture} {shape}"
+def concept_name(concept, words: tuple = ()) -> str:
+    """'red dotted star'; `words` renames words, as the task's class names do (WorldSpec.task_words)."""
+    return " ".join(dict(words).get(w, w) for w in concept)
 
 
 def shape_mask(shape: str, u, v):
@@ -1223,12 +1254,21 @@ def render_images(concepts, style: WorldStyle, seed: int, size: int = 32, supers
         img = img * (1 + style.cast * rng.randn(3))
         img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # [size, size, 3]
         img = (0.5 + style.contrast * (img - 0.5)) * np.asarray(style.camera)
+        if style.blur > 0:
+            img = gaussian_blur(img, style.blur)
         img = img + style.noise * rng.randn(size, size, 3)
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return out
 
 
-
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of [H, W, 3], edges reflected."""
+    r = max(1, int(3 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(img, ((r, r), (r, r), (0, 0)), mode="reflect")                # [H + 2r, W + 2r, 3]
+    p = sum(k[j] * p[j:j + img.shape[0]] for j in range(2 * r + 1))         # [H, W + 2r, 3]
+    return sum(k[j] * p[:, j:j + img.shape[1]] for j in range(2 * r + 1))    # [H, W, 3]
 
 
 def world_task_classes(spec: WorldSpec) -> list:
@@ -1259,19 +1299,22 @@ def world_counts(spec: WorldSpec) -> list:
     return [int(spec.max_count * (1 / spec.imbalance) ** (i / (K - 1))) for i in range(K)]
 
 
-
-
 _WORLD_TASK = {}  # the images are drawn once per process
 
 
 def build_world_task(cfg: Config) -> LTData:
     """The world's long-tailed task: exponential training counts, a balanced test set, both in the task
-    style (drawn with different seeds). Pretrains the world's CLIP first if its cache has none."""
+    style (drawn with different seeds). A cold cache first gets the shipped CLIP, or pretrains one if none
+    was shipped for this world (another WorldSpec, WORLD_VERSION or open_clip version)."""
     spec = WORLD
     if cfg.pretrained == world_clip_files(cfg)["pretrained"] and not Path(cfg.pretrained).is_file():
-        t0 = time.time()
-        atomic_torch_save(Path(cfg.pretrained), pretrain_world_clip(spec, open_clip_name(cfg.model), spec.seed).state_dict())
-        print(f"pretrained the world's CLIP in {time.time() - t0:.0f} s: {cfg.pretrained}")
+        name, key = open_clip_name(cfg.model), world_key(spec)
+        packed = torch.load(SHIPPED_CLIP, weights_only=True) if SHIPPED_CLIP.is_file() else {}
+        if packed.get("key") != key:                                # none shipped for this world: pretrain it (minutes)
+            t0 = time.time()
+            packed = pack_world_clip(pretrain_world_clip(spec, name, spec.seed), key)
+            print(f"pretrained the world's CLIP in {time.time() - t0:.0f} s: {cfg.pretrained}")
+        atomic_torch_save(Path(cfg.pretrained), unpack_world_clip(packed, name, spec.seed))
     if not _WORLD_TASK:
         classes, counts = world_task_classes(spec), world_counts(spec)
         y_train = np.repeat(np.arange(len(classes)), counts)        # [N_train]
@@ -1279,7 +1322,7 @@ def build_world_task(cfg: Config) -> LTData:
         train = render_images([classes[y] for y in y_train], spec.task_style, spec.seed + 1, spec.image_size)
         test = render_images([classes[y] for y in y_test], spec.task_style, spec.seed + 2, spec.image_size)
         _WORLD_TASK["task"] = LTData(ImageSet(train, y_train), ImageSet(test, y_test),
-                                     [concept_name(c) for c in classes], np.asarray(counts))
+                                     [concept_name(c, spec.task_words) for c in classes], np.asarray(counts))
     return _WORLD_TASK["task"]
 
 
@@ -1305,6 +1348,42 @@ def world_clip_files(cfg: Config) -> dict:
     return {"model": str(config_path), "pretrained": str(folder / "clip.pt")}
 
 
+SHIPPED_CLIP = Path(__file__).with_name("assets") / "world_clip.pt"  # pack_world_clip of pretrain_world_clip(WORLD)
+
+
+def random_clip(name: str, seed: int):
+    """open_clip model `name` with the random init of `seed`."""
+    import logging
+    import open_clip
+    torch.manual_seed(seed)
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: that is the point
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def pack_world_clip(clip, key: str) -> dict:
+    """The pretrained CLIP as shipped: half precision, without the token embedding (frozen at its seeded init,
+    so unpack_world_clip regenerates it): 3 MB instead of 31. The world's CLIP IS these rounded weights."""
+    state = {k: v.half() for k, v in clip.state_dict().items() if k != "token_embedding.weight"}
+    return {"key": key, "state": state}
+
+
+def unpack_world_clip(packed: dict, name: str, seed: int) -> dict:
+    """open_clip state dict of a packed CLIP: fp32 weights, and the token embedding of the seed's init."""
+    embedding = random_clip(name, seed).token_embedding.weight.detach()  # the init pretrain_world_clip started from
+    return {"token_embedding.weight": embedding, **{k: v.float() for k, v in packed["state"].items()}}
+
+
+def ship_world_clip(path: Path = SHIPPED_CLIP) -> dict:
+    """Pretrain the world's CLIP and write the file the project ships (python -c 'import lift_plus; lift_plus.ship_world_clip()')."""
+    cfg = finalize_config(Config(data="shapes_lt"))
+    packed = pack_world_clip(pretrain_world_clip(WORLD, open_clip_name(cfg.model), WORLD.seed), world_key(WORLD))
+    atomic_torch_save(Path(path), packed)
+    return packed
+
+
 def clip_contrastive_loss(img, txt, logit_scale):
     """CLIP's symmetric InfoNCE: image i should match caption i among the batch, and vice versa."""
     logits = logit_scale.exp() * img @ txt.t()                              # [B, B]
@@ -1317,14 +1396,8 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
 
     Every batch holds distinct concepts, so no caption is a false negative of another image in it.
     AdamW with a linear warm-up and cosine decay, as in CLIP; returns the trained open_clip model."""
-    import logging
     import open_clip
-    torch.manual_seed(seed)
-    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: that is the point
-    try:
-        clip = open_clip.create_model(name, pretrained=None)
-    finally:
-        logging.disable(logging.NOTSET)
+    clip = random_clip(name, seed)
     tokenizer = open_clip.get_tokenizer(name)
     concepts = world_concepts()
     C, per = len(concepts), spec.pretrain_images // len(concepts)
@@ -1338,7 +1411,8 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
     B = spec.pretrain_batch
     rows = np.arange(len(images)).reshape(per, C)                           # image index of (round, concept slot)
     steps = spec.pretrain_epochs * (len(images) // B)
-    opt = torch.optim.AdamW(clip.parameters(), lr=spec.pretrain_lr, weight_decay=0.1)
+    clip.token_embedding.requires_grad_(False)                   # words are fixed random codes that the text tower learns to read
+    opt = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=spec.pretrain_lr, weight_decay=0.1)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -2172,9 +2246,8 @@ def predict_main(argv: list):
     with contextlib.redirect_stdout(sys.stderr):                    # standard output is for the predictions
         model = build_model(cfg, data, prepare_run(cfg))
     read_checkpoint(a.checkpoint, cfg, data, model)
-    S = model.image_size
-    views = EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
-    logits, _ = over_dataset(lambda v: tte_logits(model, v), model, Views(ImageSet(paths, [0] * len(paths)), views), cfg)
+    views = Views(ImageSet(paths, [0] * len(paths)), test_views(cfg, model.image_size))  # the run's own test views
+    logits, _ = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
     prob, top = logits.softmax(dim=1).topk(min(a.top_k, data.num_classes), dim=1)  # [N, k]
     rows = [{"image": path, "top": [{"class": data.classnames[c], "probability": round(float(q), 6)} for c, q in zip(t, pr)]}
             for path, t, pr in zip(paths, top.tolist(), prob.tolist())]

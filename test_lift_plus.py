@@ -2,10 +2,11 @@
 
 CPU only: tiny open_clip models with random weights and images the tests write. Parity tests compare
 with a reference computation on the same weights (minGPT style); bad-input tests check the exact line
-a user sees. The offline world's CLIP is pretrained once into a temporary cache (or into
+a user sees. The offline world's shipped CLIP is unpacked into a temporary cache (or into
 $LIFT_TEST_CACHE, which CI keeps between runs), never into the user's home cache."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -125,7 +126,7 @@ def train_run(configs, folder, out, **kw):
 
 @pytest.fixture(scope="session")
 def world():
-    """The offline world's config with its pretrained CLIP in the test cache (pretrained at most once)."""
+    """The offline world's config with its CLIP in the test cache (the shipped one, unpacked once)."""
     cfg = lp.finalize_config(lp.Config(data="shapes_lt", workers=0, device="cpu", log_every=10 ** 6))
     lp.build_data(cfg)
     return cfg
@@ -766,6 +767,14 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert f"| {report['overall']:.2f} |" in lines[3 if "zeroshot" in lines[3] else 2]
     classifier = lines[2 if "zeroshot" in lines[3] else 3]
     assert re.search(r"\| \d+ s \| \d+ \|", classifier) and "| - | - |" in lines[3 if "zeroshot" in lines[3] else 2]
+    _, other_seed = train_run(configs, folder, tmp_path, tuning="classifier", epochs=1, seed=1)
+    first = json.loads(next(tmp_path.glob("*_classifier_seed0/results.json")).read_text())["metrics"]
+    seeds = lp.seeds_table(tmp_path).splitlines()                   # the two classifier seeds share a row
+    assert len(seeds) == 4 and lines[0].count("|") != seeds[0].count("|")
+    row = next(x for x in seeds if "| classifier |" in x)
+    pair = [first["overall"], other_seed["overall"]]
+    assert f"| 0, 1 | {np.mean(pair):.2f} ± {np.std(pair, ddof=1):.2f} |" in row, row
+    assert f"| - | {report['overall']:.2f} |" in next(x for x in seeds if "| zeroshot |" in x)
 
 
 # ------------------------------------------------------------------------------------------
@@ -843,6 +852,46 @@ def test_world_pretraining_is_cached_and_reused(tmp_path, monkeypatch, capsys):
     assert (again.model, again.pretrained) == (cfg.model, cfg.pretrained)
     assert Path(again.pretrained).stat().st_mtime_ns == stamp and "pretrain" not in capsys.readouterr().out
     assert lp.world_key(dataclasses.replace(small, pretrain_epochs=2)) != lp.world_key(small)  # another world, another key
+
+
+def test_world_clip_ships_with_the_project(tmp_path, monkeypatch, capsys):
+    """A cold cache takes the shipped file (no pretraining): the packed fp16 weights plus the token embedding of
+    the seed's init, which pretraining never changes."""
+    monkeypatch.setattr(lp, "_WORLD_TASK", {})
+    packed = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+    assert packed["key"] == lp.world_key(lp.WORLD), "assets/world_clip.pt is stale: run lift_plus.ship_world_clip()"
+    assert "token_embedding.weight" not in packed["state"] and {v.dtype for v in packed["state"].values()} == {torch.float16}
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
+    lp.build_data(cfg)
+    assert "pretrain" not in capsys.readouterr().out
+    state = torch.load(cfg.pretrained, weights_only=True)
+    name = lp.open_clip_name(cfg.model)
+    fresh = lp.random_clip(name, lp.WORLD.seed).state_dict()
+    assert state.keys() == fresh.keys() and torch.equal(state["token_embedding.weight"], fresh["token_embedding.weight"])
+    assert not torch.equal(state["visual.conv1.weight"], fresh["visual.conv1.weight"])
+    assert all(torch.equal(state[k], v.float()) for k, v in packed["state"].items())
+
+
+def test_world_clip_regenerates(tmp_path):
+    """The shipped CLIP is what the project's own pretraining makes: pretrain again and compare. On a CPU that
+    rounds as the one that wrote it, every tensor is bit-identical. Another CPU may round a few float sums
+    differently and training amplifies it, so the stated tolerance is on the function: the regenerated CLIP's
+    zero-shot predictions on the task's test images agree with the shipped CLIP's on at least 97 % of them."""
+    fresh = lp.ship_world_clip(tmp_path / "world_clip.pt")
+    shipped = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+    assert fresh["key"] == shipped["key"] and fresh["state"].keys() == shipped["state"].keys()
+    if all(torch.equal(fresh["state"][k], v) for k, v in shipped["state"].items()):
+        return
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", tuning="zeroshot", workers=0, device="cpu", out=str(tmp_path)))
+    name, data = lp.open_clip_name(cfg.model), lp.build_data(cfg)
+    preds = []
+    for which, packed in (("fresh", fresh), ("shipped", shipped)):
+        torch.save(lp.unpack_world_clip(packed, name, lp.WORLD.seed), tmp_path / f"{which}.pt")
+        run = dataclasses.replace(cfg, pretrained=str(tmp_path / f"{which}.pt"), run_name=which)
+        preds.append(lp.evaluate(run, data, lp.build_model(run, data, torch.device("cpu")))["predictions"])
+    agree = float(np.mean(preds[0] == preds[1]))
+    agree = (preds[0] == preds[1]).float().mean().item()
+    assert agree >= 0.97, f"the regenerated world CLIP agrees with the shipped one on {100 * agree:.1f} % of test images"
 
 
 def test_world_zero_shot_beats_chance(world, tmp_path):
