@@ -4,6 +4,7 @@ frozen-feature modes, printed as a table. Not part of the tests.
     python bench.py            # the full table on this machine (about 15 minutes on 2 CPU cores)
     python bench.py --quick    # fewer repeats
     python bench.py --input-only --quick   # only the input path against the model's training rate (a few minutes)
+    python bench.py --gpu      # on a GPU machine: GPU rows and the projected ImageNet-LT / iNaturalist wall-clock
 
 CPU: random-weight ViT-B/16 at 224, fp32, 2 threads. On a GPU (when one is present) the model
 sections run in bf16 autocast as training does. Every model measurement runs in a fresh
@@ -300,6 +301,29 @@ def gpu_input_vs_model(quick, train128):
     print(f"| input path: lp.make_loader, {w} workers, pinned ({count} JPEGs 500x375, MDA, batch 32) | | {rate:.0f} img/s | |")
     print()
     print(verdict(f"input path with {w} CPU workers", rate, "GPU bf16 training step, batch 128", 128 / train128["median_s"]))
+    return rate
+
+
+def gpu_rows(quick):
+    """The GPU rows alone (python bench.py --gpu): bf16 training steps at batch 32 and 128, five-crop TTE
+    evaluation at batch 128, the input path against the model, and the projected wall-clock of the paper's
+    ImageNet-LT (5 epochs) and iNaturalist 2018 (15 epochs) runs at the slower of the two rates."""
+    gib = 2 ** 30
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, random-weight ViT-B/16 at 224, "
+          f"bf16 autocast, {K} classes")
+    print("| measurement | time | images/s | GPU memory |\n|---|---|---|---|")
+    r = {}
+    for what, batch in (("train", 32), ("train", 128), ("eval_tte", 128)):
+        m = r[what] = measure(what, batch, "fast", repeats=10, warmup=3, device="cuda")
+        print(f"| {'training step' if what == 'train' else 'evaluation, five-crop TTE'}, batch {batch} | "
+              f"{m['median_s'] * 1000:.1f} ms | {batch / m['median_s']:.0f} | peak {m['peak_bytes'] / gib:.2f} GiB |")
+    train, tte = 128 / r["train"]["median_s"], 128 / r["eval_tte"]["median_s"]
+    feed = gpu_input_vs_model(quick, r["train"])
+    for name, n_train, epochs, n_test in (("ImageNet-LT", 115_846, 5, 50_000), ("iNaturalist 2018", 437_513, 15, 24_426)):
+        rate = min(train, feed)
+        minutes = (epochs * n_train / rate + n_test / min(tte, feed)) / 60
+        print(f"projected {name}: {epochs} epochs x {n_train:,} images at {rate:.0f} img/s + TTE of {n_test:,} test images "
+              f"at {min(tte, feed):.0f} img/s = {minutes:.1f} min")
 
 
 def frozen_feature_modes(count=2000, threads=2):
@@ -340,6 +364,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="one warm-up and two timed repeats, fewer images")
     p.add_argument("--input-only", action="store_true",
                    help="only the input path against the model's training rate (and its one training-step measurement)")
+    p.add_argument("--gpu", action="store_true", help="only the GPU rows and the projected ImageNet-LT / iNaturalist wall-clock")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--what", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -353,6 +378,10 @@ def main():
         args.what = args.worker
         return worker(args)
 
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("bench.py --gpu: no CUDA device here")
+        return gpu_rows(args.quick)
     reps = 2 if args.quick else 3
     gib = 2 ** 30
     if args.input_only:
