@@ -917,7 +917,7 @@ def test_tutorial_notebook_runs_offline(world, monkeypatch):
     monkeypatch.setenv("LIFT_TUTORIAL_SMOKE", "1")
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     printed = notebook_text(nb)
-    for label in ("zero-shot", "full, heavy", "LIFT+", "+ AdaptFormer", "+ semantic init", "the ladder never falls", "look-alike"):
+    for label in ("zero-shot", "full, heavy, whole images", "LIFT+", "+ AdaptFormer", "+ semantic init", "the ladder never falls", "look-alike"):
         assert label in printed
     assert "seed 1" not in printed                                  # the quick pass
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
