@@ -905,21 +905,28 @@ def table_main(argv: list):
     print(seeds_table(args.folder) if args.seeds else results_table(args.folder))
 
 
+def setting_fields(c: dict, keys: tuple) -> list:
+    """A run's config values for a table row: `keys`, TTE and epochs; zero-shot trains nothing, so its training
+    settings are '-'."""
+    trained = c["tuning"] != "zeroshot"
+    return [c[k] if trained else "-" for k in keys] + [c["tte"], c["epochs"] if trained else "-"]
+
+
 def seeds_table(folder) -> str:
     """The results*.json files under `folder` grouped by setting (the config less its seed and run-only flags;
     TTE counts as a setting): mean ± sample std of each group's accuracies, and its seeds."""
     groups = {}
     for path in sorted(Path(folder).glob("**/results*.json")):
         r = json.loads(path.read_text())
-        c = {k: v for k, v in r["config"].items() if k in ("tte", "expand") or k not in (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")}
+        kept = ("tte", "expand", "model", "pretrained")            # evaluation settings and the CLIP are part of a setting
+        c = {k: v for k, v in r["config"].items() if k in kept or k not in (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")}
         groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
     rows = ["| data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for runs in groups.values():
         c = runs[0]["config"]
-        trained = c["tuning"] != "zeroshot"
-        fields = [c[k] if trained else "-" for k in ("lr", "init", "mda")] + [c["tte"], c["epochs"] if trained else "-"]
-        seeds = ", ".join(str(r["config"]["seed"]) for r in runs) if trained else "-"
+        seeds = ", ".join(str(r["config"]["seed"]) for r in runs) if c["tuning"] != "zeroshot" else "-"
+        fields = setting_fields(c, ("lr", "init", "mda"))
         cells = []
         for k in ("overall", "many", "medium", "few"):
             v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
@@ -941,8 +948,7 @@ def results_table(folder) -> str:
         epochs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() and path.name == "results.json" else []
         speed = (f"{sum(e['epoch_s'] for e in epochs):.0f} s | {np.mean([e['images_per_s'] for e in epochs]):.0f}" if epochs
                  else "- | -")
-        trained = c["tuning"] != "zeroshot"                         # zero-shot has no init, loss, crops or epochs
-        fields = [c[k] if trained else "-" for k in ("init", "loss", "mda")] + [c["tte"], c["epochs"] if trained else "-"]
+        fields = setting_fields(c, ("init", "loss", "mda"))
         rows.append(f"| {path.parent.name}{path.stem[7:]} | {c['data']} | {c['tuning']} | {' | '.join(map(str, fields))} | "
                     f"{r['params']['tuned']:,} | {speed} | " +
                     " | ".join(cell(m[k]) for k in ("overall", "many", "medium", "few")) + " |")

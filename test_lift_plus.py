@@ -777,6 +777,21 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert f"| - | {report['overall']:.2f} |" in next(x for x in seeds if "| zeroshot |" in x)
 
 
+def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
+    """Runs of two CLIPs, or evaluated with and without TTE, are separate settings; seeds of one setting share a row."""
+    base = dataclasses.asdict(lp.finalize_config(lp.Config(data="imagenet_lt")))
+    runs = {"a0": (dict(seed=0), 70.0), "a1": (dict(seed=1), 72.0), "b0": (dict(seed=0, model="ViT-B-32"), 60.0),
+            "c0": (dict(seed=0, tte=False, workers=3), 50.0)}
+    for name, (over, acc) in runs.items():
+        metrics = {"overall": acc, "many": acc, "medium": acc, "few": None}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"config": {**base, **over, "run_name": name}, "metrics": metrics}))
+    rows = lp.seeds_table(tmp_path).splitlines()[2:]
+    assert len(rows) == 3
+    assert "| 0, 1 | 71.00 ± 1.41 | 71.00 ± 1.41 | 71.00 ± 1.41 | n/a |" in rows[0]
+    assert rows[1].endswith("| 0 | 60.00 | 60.00 | 60.00 | n/a |") and "| False | 5 | 0 | 50.00 |" in rows[2]
+
+
 # ------------------------------------------------------------------------------------------
 # Appendix B. Weights and split lists offline
 # ------------------------------------------------------------------------------------------
