@@ -319,8 +319,8 @@ def gpu_rows(quick):
               f"{m['median_s'] * 1000:.1f} ms | {batch / m['median_s']:.0f} | peak {m['peak_bytes'] / gib:.2f} GiB |")
     train, tte = 128 / r["train"]["median_s"], 128 / r["eval_tte"]["median_s"]
     feed = gpu_input_vs_model(quick, r["train"])
+    rate = min(train, feed)                                 # training waits for the slower of the model and its input
     for name, n_train, epochs, n_test in (("ImageNet-LT", 115_846, 5, 50_000), ("iNaturalist 2018", 437_513, 15, 24_426)):
-        rate = min(train, feed)
         minutes = (epochs * n_train / rate + n_test / min(tte, feed)) / 60
         print(f"projected {name}: {epochs} epochs x {n_train:,} images at {rate:.0f} img/s + TTE of {n_test:,} test images "
               f"at {min(tte, feed):.0f} img/s = {minutes:.1f} min")
