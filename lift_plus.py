@@ -14,7 +14,7 @@ feature distributions of the tail classes disagree, which biases predictions tow
 Part I is the method alone, in the order it runs: 1 Config, 2 Data, 3 Transforms, 4 Model, 5 Loss, 6 Training,
 7 Evaluation, 8 Main. The appendices plug into Part I at lines marked "# Appendix X":
     A  the paper's baselines: other tuning methods, classifier inits, the results table
-    B  weights and split lists offline: downloads, OpenAI's TorchScript file
+    B  weights, split lists and class names offline: downloads, OpenAI's TorchScript file
     C  the offline world: a tiny CLIP and a long-tailed task that run on a laptop CPU
     D  speed: the same values, computed faster
     E  reliability: every input checked, checkpoints and exact resume, the run's files
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -124,7 +125,7 @@ def finalize_config(cfg: Config) -> Config:
     t = cfg.tuning
     derived = dict(epochs=15 if cfg.data in ("inat2018", "shapes_lt") else 5, lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
-                   expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224
+                   expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224 (B)
                    workers=0 if cfg.data == "shapes_lt" else min(8, os.cpu_count() or 1),  # the world: 32 px in memory
                    run_name=None if cfg.checkpoint else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
     return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
@@ -167,7 +168,9 @@ def read_image(path) -> torch.Tensor:
     try:
         raw = Path(path).read_bytes()
         img = decode_jpeg_fast(raw)                                 # Appendix D: TorchCodec for JPEGs, else None
-        return img if img is not None else torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
+        if img is None:                                             # PIL; Appendix E: any image mode to RGB
+            img = torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
+        return img
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LiftError(f"cannot read image {path}: {e}") from None
 
@@ -199,9 +202,9 @@ def build_benchmark(cfg: Config) -> LTData:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # CLIP's curated ImageNet names
         classnames = list(IMAGENET_CLASSNAMES)
     elif cfg.data == "places_lt":
-        classnames = read_places_classnames(files["classnames.txt"])
+        classnames = read_places_classnames(files["classnames.txt"])  # Appendix B: the class-name files
     else:
-        classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)
+        classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)  # (B)
     splits = {}
     for split in ("train", "test"):
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -213,27 +216,6 @@ def build_benchmark(cfg: Config) -> LTData:
         splits[split] = ImageSet(paths, labels)
     counts = np.bincount(splits["train"].labels, minlength=len(classnames))
     return LTData(splits["train"], splits["test"], classnames, counts)
-
-
-def read_places_classnames(path) -> list:
-    """Places365 names one per line ('airfield'); the official '/a/apartment_building/outdoor 0' form too."""
-    with open(path) as f:
-        names = [line.split()[0] for line in f if line.strip()]
-    return ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
-
-
-def read_inat_categories(path, level: str = "species") -> tuple:
-    """iNaturalist 2018's categories.json -> (class names, {category id: label}). As the LIFT+ code, the
-    labels follow the sorted unique names at a taxonomy level: species ('name') by default."""
-    level = "name" if level == "species" else level
-    try:
-        with open(path) as f:
-            id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.load(f))}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LiftError(f"{path}: expected a JSON list of {{'id', '{level}'}} entries ({e})") from None
-    names = sorted(set(id_to_name.values()))
-    index = {name: i for i, name in enumerate(names)}
-    return names, {cid: index[name] for cid, name in id_to_name.items()}
 
 
 def cifar100_lt_counts(ratio, num_classes=100, max_count=500) -> list:
@@ -262,11 +244,14 @@ def build_cifar100_lt(cfg: Config) -> LTData:
                   list(train.classes), np.asarray(counts))
 
 
+BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
+
+
 def build_data(cfg: Config) -> LTData:
     """The task --data names."""
-    if cfg.data in ("imagenet_lt", "places_lt", "inat2018"):
+    if cfg.data in BENCHMARKS:
         return build_benchmark(cfg)
-    if cfg.data in ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10"):
+    if cfg.data in CIFAR100_LT:
         return build_cifar100_lt(cfg)
     if cfg.data == "shapes_lt":
         return build_world_task(cfg)                                # Appendix C
@@ -464,8 +449,8 @@ def text_features(clip, tokenizer, classnames, template: str, device) -> torch.T
 
 
 def semantic_init(text_feats: torch.Tensor, image_proj: torch.Tensor) -> torch.Tensor:
-    """[paper: semantic-aware initialization] w_j = normalize(t_j @ P^T): then <f, w_j> is proportional to
-    CLIP's image-text score <f P, t_j>, and training starts from zero-shot CLIP's predictions."""
+    """[paper: semantic-aware initialization] w_j = normalize(t_j @ P^T): then <f, w_j> = <f P, t_j> / |P t_j|, CLIP's
+    image-text score up to a per-class constant, so training starts close to zero-shot CLIP's predictions."""
     return F.normalize(text_feats @ image_proj.t().float(), dim=-1)  # [K, E] @ [E, D] -> [K, D]
 
 
@@ -612,7 +597,7 @@ def fit(cfg: Config) -> tuple:
     """Build the task and the model, then train it (or, with --eval-only, load --checkpoint): (data, model)."""
     device = prepare_run(cfg)                                       # Appendix E: device, run folder, lock
     data = build_data(cfg)
-    print(summarize_data(data, cfg.data))
+    print(summarize_data(data, cfg.data))                          # Appendix E: counts, groups, notes on the lists
     model = build_model(cfg, data, device)
     print(describe_tuning(model))
     if cfg.eval_only and cfg.checkpoint:
@@ -635,7 +620,7 @@ def class_groups(train_counts) -> dict:
 
 def tte_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """Mean of the logits of the V views of each image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE)."""
-    B, V = views.shape[:2]                                          # V passes of B images: a V times smaller working set
+    B, V = views.shape[:2]                                          # V passes of B views each: a V times smaller working set
     logits = torch.cat([model(chunk) for chunk in views.flatten(0, 1).split(B)]).float()  # [B V, K]
     return logits.view(B, V, -1).mean(dim=1)
 
@@ -691,7 +676,7 @@ def main(argv=None):
     with clean_exit() as session:                                   # Appendix E: one line for every error and interrupt
         if argv[:1] in (["table"], ["predict"]):                    # Appendix A: the results table; F: new images' classes
             return (table_main if argv[0] == "table" else predict_main)(argv[1:])
-        cfg = session.cfg = parse_config(argv)                     # Appendix E: flags from Config's fields
+        cfg = session.cfg = parse_config(argv)                     # Appendix E: Config's fields as flags; finalize_config
         data, model = fit(cfg)
         (check_inputs if cfg.check else evaluate)(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
 
@@ -956,9 +941,9 @@ def results_table(folder) -> str:
 
 
 # ==========================================================================================
-# APPENDIX B. Weights, model configs and split lists: local files, downloads, offline failures
-# Plugs into Part I at find_split_files (build_benchmark), load_cifar100 (build_cifar100_lt) and
-# weights_errors / load_openai_release (load_clip). Offline, every download fails in seconds with
+# APPENDIX B. Weights, model configs, split lists and class names: local files, downloads, offline failures
+# Plugs into Part I at find_split_files and the class-name readers (build_benchmark), load_cifar100
+# (build_cifar100_lt), clip_image_size (finalize_config) and weights_errors / load_openai_release (load_clip). Offline, every download fails in seconds with
 # the name of the file to fetch elsewhere, instead of after a minute of retries.
 
 SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subfolder, and the extra files
@@ -1013,6 +998,27 @@ def find_split_files(cfg: Config) -> dict:
             f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
             f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them.")
     return found
+
+
+def read_places_classnames(path) -> list:
+    """Places365 names one per line ('airfield'); the official '/a/apartment_building/outdoor 0' form too."""
+    with open(path) as f:
+        names = [line.split()[0] for line in f if line.strip()]
+    return ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
+
+
+def read_inat_categories(path, level: str = "species") -> tuple:
+    """iNaturalist 2018's categories.json -> (class names, {category id: label}). As the LIFT+ code, the
+    labels follow the sorted unique names at a taxonomy level: species ('name') by default."""
+    level = "name" if level == "species" else level
+    try:
+        with open(path) as f:
+            id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.load(f))}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LiftError(f"{path}: expected a JSON list of {{'id', '{level}'}} entries ({e})") from None
+    names = sorted(set(id_to_name.values()))
+    index = {name: i for i, name in enumerate(names)}
+    return names, {cid: index[name] for cid, name in id_to_name.items()}
 
 
 def load_cifar100(cfg: Config) -> tuple:
@@ -1301,8 +1307,7 @@ def world_task_classes(spec: WorldSpec) -> list:
 
 def world_counts(spec: WorldSpec) -> list:
     """Training images per class: max_count * (1 / imbalance) ** (i / (K - 1)), as CIFAR-100-LT."""
-    K = spec.num_classes
-    return [int(spec.max_count * (1 / spec.imbalance) ** (i / (K - 1))) for i in range(K)]
+    return cifar100_lt_counts(spec.imbalance, spec.num_classes, spec.max_count)
 
 
 _WORLD_TASK = {}  # the images are drawn once per process
@@ -1506,17 +1511,13 @@ def decode_jpeg_fast(raw: bytes):
         return None
 
 
-_TORCHCODEC = []
-
-
+@functools.cache
 def torchcodec_jpeg():
-    if not _TORCHCODEC:
-        try:
-            from torchcodec.decoders import decode_jpeg
-        except (ImportError, OSError):
-            decode_jpeg = None
-        _TORCHCODEC.append(decode_jpeg)
-    return _TORCHCODEC[0]
+    try:
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg
+    except (ImportError, OSError):
+        return None
 
 
 def amp_dtype(cfg: Config, device: torch.device):
@@ -1582,9 +1583,6 @@ def check_value(f: dataclasses.Field, value):
             kind = "an integer" if "int" in f.type else "a number"
             span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}" if hi is not None else f"{'>' if open_lo else '>='} {lo}"
             raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
-
-
-BENCHMARKS = ("imagenet_lt", "places_lt", "inat2018")
 
 
 def check_flags(cfg: Config):
@@ -1690,7 +1688,7 @@ def build_folder(cfg: Config) -> LTData:
     """A user's own task: <data>/train/<class>/... and <data>/test/<class>/...; the class is the folder name."""
     root = Path(cfg.data)
     if not root.is_dir():
-        known = ", ".join([*BENCHMARKS, "cifar100_ir100", "cifar100_ir50", "cifar100_ir10", "shapes_lt"])
+        known = ", ".join([*BENCHMARKS, *CIFAR100_LT, "shapes_lt"])
         if os.sep in cfg.data:
             raise LiftError(f"--data {cfg.data}: no such folder")
         raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/")
@@ -1698,7 +1696,7 @@ def build_folder(cfg: Config) -> LTData:
         if not (root / split).is_dir():
             raise LiftError(f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
                             f"{root / split} is missing")
-    index, notes, sets = {}, {}, {}
+    notes, sets = {}, {}
     classnames = [d.name for d in entries(root / "train", {})[0]]
     if not classnames:
         raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
@@ -1708,7 +1706,7 @@ def build_folder(cfg: Config) -> LTData:
         except UnicodeEncodeError:
             raise LiftError(f"{root / 'train'}: the class folder name {name.encode('utf-8', 'surrogateescape')!r} is not "
                             f"UTF-8; rename it (class names become text prompts)") from None
-    index.update({c: i for i, c in enumerate(classnames)})
+    index = {c: i for i, c in enumerate(classnames)}
     for split in ("train", "test"):
         paths, labels = [], []
         dirs, loose = entries(root / split, notes)
@@ -1737,7 +1735,7 @@ def audit(data: LTData) -> list:
     for split, images in (("train", data.train), ("test", data.test)):
         if not isinstance(images.images, list):
             continue
-        first, repeats = {}, 0
+        first = {}
         for path, y in zip(images.images, images.labels):
             if first.setdefault(path, y) != y:
                 raise LiftError(f"{split} image {path} is listed under two labels, {first[path]} and {y}")
@@ -1900,7 +1898,14 @@ def tuned_state(model: nn.Module) -> dict:
     return state
 
 
-_DIGESTS = {}
+@functools.cache
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of a file's SHA-256, computed once per version (size, mtime) of the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def weights_identity(cfg: Config) -> str:
@@ -1913,14 +1918,7 @@ def weights_identity(cfg: Config) -> str:
     if tag_cfg:
         return f"{name}, {act}, pretrained {pretrained}"
     stat = os.stat(pretrained)
-    key = (os.path.realpath(pretrained), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(pretrained, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()[:16]
-    return f"{name}, {act}, weights sha256 {_DIGESTS[key]}"
+    return f"{name}, {act}, weights sha256 {file_sha256(os.path.realpath(pretrained), stat.st_size, stat.st_mtime_ns)}"
 
 
 def checkpoint_identity(cfg: Config, data: LTData, model: LiftModel) -> dict:
@@ -2101,10 +2099,10 @@ def start_processes(cfg: Config):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        torch.cuda.set_device(device)
+    return device
 
 
 class ShardedBatches(torch.utils.data.Sampler):
@@ -2185,16 +2183,12 @@ class Progress:
 
     def timed(self, loader):
         self.wait, self.start, self.images = 0.0, time.time(), 0
-        batches = iter(loader)
-        while True:
-            t = time.time()
-            try:
-                views, y = next(batches)
-            except StopIteration:
-                return
-            self.wait += time.time() - t
+        batches, t = iter(loader), time.time()
+        for views, y in batches:
+            self.wait += time.time() - t                            # the time spent waiting for this batch
             self.images += len(y) * processes()
             yield views, y
+            t = time.time()
 
     def step(self, epoch: int, step: int, last: bool, loss, lr: float):
         self.done, self.lr = self.done + 1, lr
