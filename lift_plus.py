@@ -85,8 +85,6 @@ class Config:
     model: str = arg("ViT-B-16", "open_clip ViT name (ViT-B/16 spelling accepted) or an open_clip model-config JSON")
     pretrained: str = arg("openai", "open_clip pretrained tag, a local weights file, or 'none' for random weights")
     quick_gelu: str = arg("auto", "QuickGELU activation (OpenAI's CLIP uses it; auto follows the weights)", choices=("auto", "yes", "no"))
-    inat_level: str = arg("species", "inat2018: the taxonomy level of the labels (Appendix F)",
-                          choices=("kingdom", "phylum", "class", "order", "family", "genus", "species"))
     # sizes of the baselines (Appendix A); each is refused for a method without that part
     blocks: Optional[str] = arg(None, "vision blocks the method acts on, e.g. '0-11' or '8,9,10,11' (default: all)")
     partial_blocks: Optional[int] = arg(None, "partial: number of last vision blocks to tune (default 1)", low=0)
@@ -97,6 +95,8 @@ class Config:
     data: str = arg("imagenet_lt", "imagenet_lt | places_lt | inat2018 | cifar100_ir{100,50,10} | shapes_lt | a folder with train/<class>/ and test/<class>/")
     root: str = arg("./data", "dataset root: image paths in the split lists are relative to it; CIFAR-100 is downloaded here")
     splits: Optional[str] = arg(None, "folder holding the split lists (default: --root, then the cache, then download)")
+    inat_level: str = arg("species", "inat2018: the taxonomy level of the labels (Appendix F)",
+                          choices=("kingdom", "phylum", "class", "order", "family", "genus", "species"))
     cache: str = arg(os.environ.get("LIFT_PLUS_CACHE", "~/.cache/lift_plus"), "split lists and the world's CLIP (env LIFT_PLUS_CACHE)")
     out: str = arg("runs", "parent folder of run folders")
     run_name: Optional[str] = arg(None, "run folder name (default <data>_<tuning>_seed<seed>)")
@@ -540,7 +540,7 @@ def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: 
 
 
 # ==========================================================================================
-# 6. Training: SGD, cosine schedule, mixed precision, a checkpoint per epoch [paper: the LIFT+ framework]
+# 6. Training: SGD with a cosine schedule [paper: the LIFT+ framework]; mixed precision, a checkpoint per epoch
 
 
 def make_loader(dataset, batch_size: int, cfg: Config, device, generator=None):  # batches of a seeded permutation, or in order
@@ -2202,13 +2202,19 @@ class Progress:
 
     def epoch_end(self, epoch: int, loss: float):
         seconds = time.time() - self.start
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else \
-            __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
         line = {"epoch": epoch + 1, "loss": loss, "lr": self.lr, "images_per_s": self.images / seconds,
-                "data_wait": self.wait / seconds, "epoch_s": seconds, "peak_memory_gib": peak / 2 ** 30}
+                "data_wait": self.wait / seconds, "epoch_s": seconds, "peak_memory_gib": peak_memory() / 2 ** 30}
         if rank() == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
+
+
+def peak_memory() -> int:
+    """Peak bytes so far: of the GPU's tensors where CUDA is in use, else of the process (its resident set)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
 
 
 def predict_main(argv: list):

@@ -162,8 +162,8 @@ def assert_clean_error(result, pattern):
 
 def test_defaults_are_the_papers():
     cfg = lp.finalize_config(lp.Config(data="imagenet_lt"))
-    assert (cfg.tuning, cfg.init, cfg.prompt, cfg.logit_scale, cfg.loss, cfg.tau) == \
-        ("adaptformer", "semantic", "a photo of a {}.", 25.0, "la", 1.0)
+    method = (cfg.tuning, cfg.init, cfg.prompt, cfg.logit_scale, cfg.loss, cfg.tau)
+    assert method == ("adaptformer", "semantic", "a photo of a {}.", 25.0, "la", 1.0)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (5, 128, 0.02, 0.9, 5e-4)
     assert (cfg.mda, cfg.min_scale, cfg.tte, cfg.expand) == ("convex", 0.08, True, 24)
     assert (cfg.model, cfg.pretrained, cfg.quick_gelu) == ("ViT-B-16", "openai", "auto")
