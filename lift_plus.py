@@ -206,7 +206,7 @@ def build_benchmark(cfg: Config) -> LTData:
     else:
         classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)  # (B)
     splits = {}
-    for split in ("train", "test"):
+    for split in ("train", "test"):                                # test: iNaturalist 2018's val list (SPLIT_LISTS)
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
         if to_label is not None:
             unknown = sorted(set(labels) - set(to_label))
@@ -556,7 +556,7 @@ def train(cfg: Config, data: LTData, model: LiftModel, run_dir: Path, features=N
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    start_epoch, losses = resume(cfg, data, model, opt, sched, scaler, run_dir)  # Appendix E: --resume, exactly
+    start_epoch, losses = resume(cfg, data, model, opt, sched, scaler, run_dir)  # Appendix E: 0, [] unless --resume
     counts = torch.as_tensor(data.train_counts, dtype=torch.float32)
     log_prior = torch.log(counts / counts.sum()).to(device)         # log pi: [K]
     tau = cfg.tau if cfg.loss == "la" else 0.0                      # CE is LA with tau = 0
