@@ -125,7 +125,7 @@ def finalize_config(cfg: Config) -> Config:
     t = cfg.tuning
     derived = dict(epochs=15 if cfg.data in ("inat2018", "shapes_lt") else 5, lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
                    partial_blocks=1 if t == "partial" else None, mask_ratio=0.005 if t == "mask" else None,
-                   expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224 (B)
+                   expand=cfg.expand if cfg.expand is not None else round(24 * clip_image_size(cfg) / 224),  # 248 at 224; Appendix B
                    workers=0 if cfg.data == "shapes_lt" else min(8, os.cpu_count() or 1),  # the world: 32 px in memory
                    run_name=None if cfg.checkpoint else f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}")
     return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
@@ -203,8 +203,8 @@ def build_benchmark(cfg: Config) -> LTData:
         classnames = list(IMAGENET_CLASSNAMES)
     elif cfg.data == "places_lt":
         classnames = read_places_classnames(files["classnames.txt"])  # Appendix B: the class-name files
-    else:
-        classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)  # (B)
+    else:                                                           # Appendix B; F: --inat-level
+        classnames, to_label = read_inat_categories(files["categories.json"], cfg.inat_level)
     splits = {}
     for split in ("train", "test"):                                # test: iNaturalist 2018's val list (SPLIT_LISTS)
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -943,8 +943,9 @@ def results_table(folder) -> str:
 # ==========================================================================================
 # APPENDIX B. Weights, model configs, split lists and class names: local files, downloads, offline failures
 # Plugs into Part I at find_split_files and the class-name readers (build_benchmark), load_cifar100
-# (build_cifar100_lt), clip_image_size (finalize_config) and weights_errors / load_openai_release (load_clip). Offline, every download fails in seconds with
-# the name of the file to fetch elsewhere, instead of after a minute of retries.
+# (build_cifar100_lt), clip_image_size (finalize_config) and weights_errors / load_openai_release
+# (load_clip). Offline, every download fails in seconds with the name of the file to fetch elsewhere,
+# instead of after a minute of retries.
 
 SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subfolder, and the extra files
     "imagenet_lt": dict(train=("ImageNet_LT_train.txt", "train.txt"), test=("ImageNet_LT_test.txt", "test.txt"), subdir="ImageNet_LT"),
