@@ -660,7 +660,7 @@ def evaluate(cfg: Config, data: LTData, model: LiftModel) -> dict:
     logits, labels = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
     preds = logits.argmax(dim=1).numpy()                            # [N]
     report = {**accuracy_report(preds, labels.numpy(), data.train_counts), "predictions": preds, "labels": labels.numpy()}
-    print(f"test ({f'TTE: five crops of the resize to {model.image_size + cfg.expand}' if cfg.tte else 'centre crop'})")
+    print(f"test ({f'TTE: five crops of the resize to {views.transform.resize}' if cfg.tte else 'centre crop'})")
     print("          Overall    Many  Medium     Few\naccuracy  " +
           " ".join("    n/a" if report[k] is None else f"{report[k]:7.2f}" for k in ("overall", "many", "medium", "few")))
     write_results(cfg, data, model, report)                         # Appendix E: results.json
