@@ -389,10 +389,7 @@ def main():
         input_vs_model(args.quick, measure("train", 32, "fast", "default", repeats=reps))
         if torch.cuda.is_available():
             print()
-            train128 = measure("train", 128, "fast", repeats=10, warmup=3, device="cuda")
-            print(f"| GPU bf16 train, batch 128 | {train128['median_s'] * 1000:.1f} ms | {128 / train128['median_s']:.0f} img/s | "
-                  f"peak {train128['peak_bytes'] / gib:.2f} GiB |")
-            gpu_input_vs_model(args.quick, train128)
+            gpu_rows(args.quick)                            # the GPU's input path against its training rate
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 threads, fp32, random-weight ViT-B/16 at 224, {K} classes")
     peak = matmul_gflops()
@@ -437,12 +434,7 @@ def main():
     input_vs_model(args.quick, results["step32_s"][0])
     if torch.cuda.is_available():
         print()
-        gpu = {}
-        for what, batch in (("train", 32), ("train", 128), ("eval_tte", 32)):
-            r = gpu[what, batch] = measure(what, batch, "fast", repeats=10, warmup=3, device="cuda")
-            print(f"| GPU bf16 {what}, batch {batch} | {r['median_s'] * 1000:.1f} ms | {batch / r['median_s']:.0f} img/s | "
-                  f"peak {r['peak_bytes'] / gib:.2f} GiB |")
-        gpu_input_vs_model(args.quick, gpu["train", 128])
+        gpu_rows(args.quick)
 
 
 if __name__ == "__main__":
