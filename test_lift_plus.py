@@ -409,7 +409,10 @@ def test_semantic_init_prediction_agrees_with_zero_shot(configs, folder):
     f = model.features(x)                                            # [16, D]
     factor = (f @ clip.visual.proj).norm(dim=-1, keepdim=True) / f.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(ours, cfg.logit_scale * zero_shot * factor, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ours.argmax(1), zero_shot.argmax(1))
+    # the same top class, except where two classes' cosines tie to within rounding (a CPU may order those either way)
+    top2 = zero_shot.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-5
+    assert clear.sum() >= 12 and torch.equal(ours.argmax(1)[clear], zero_shot.argmax(1)[clear])
 
 
 def test_semantic_init_formula_with_general_projection():
@@ -887,26 +890,49 @@ def test_world_clip_ships_with_the_project(tmp_path, monkeypatch, capsys):
     assert all(torch.equal(state[k], v.float()) for k, v in packed["state"].items())
 
 
-def test_world_clip_regenerates(tmp_path):
-    """The shipped CLIP is what the project's own pretraining makes: pretrain again and compare. On a CPU that
-    rounds as the one that wrote it, every tensor is bit-identical. Another CPU may round a few float sums
-    differently and training amplifies it, so the stated tolerance is on the function: the regenerated CLIP's
-    zero-shot predictions on the task's test images agree with the shipped CLIP's on at least 97 % of them."""
-    fresh = lp.ship_world_clip(tmp_path / "world_clip.pt")
-    shipped = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+def world_clip_predictions(packed: dict, tmp_path: Path, name: str) -> np.ndarray:
+    """Zero-shot predictions of a packed world CLIP on the world's test images (TTE, as the quick start)."""
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", tuning="zeroshot", workers=0, device="cpu", out=str(tmp_path)))
+    model_name, data = lp.open_clip_name(cfg.model), lp.build_data(cfg)
+    torch.save(lp.unpack_world_clip(packed, model_name, lp.WORLD.seed), tmp_path / f"{name}.pt")
+    run = dataclasses.replace(cfg, pretrained=str(tmp_path / f"{name}.pt"), run_name=name)
+    return lp.evaluate(run, data, lp.build_model(run, data, torch.device("cpu")))["predictions"]
+
+
+def check_regenerated(fresh: dict, shipped: dict, tmp_path: Path) -> str:
+    """The stated tolerance of a regenerated world CLIP. On a CPU that rounds as the one that wrote the shipped
+    file, every tensor is bit-identical. Another CPU may round a few float sums differently and training
+    amplifies it, so there the tolerance is on the function: the zero-shot predictions of the two CLIPs agree
+    on at least 97 % of the task's test images. Returns which of the two held; fails if neither did."""
     assert fresh["key"] == shipped["key"] and fresh["state"].keys() == shipped["state"].keys()
     if all(torch.equal(fresh["state"][k], v) for k, v in shipped["state"].items()):
-        return
-    cfg = lp.finalize_config(lp.Config(data="shapes_lt", tuning="zeroshot", workers=0, device="cpu", out=str(tmp_path)))
-    name, data = lp.open_clip_name(cfg.model), lp.build_data(cfg)
-    preds = []
-    for which, packed in (("fresh", fresh), ("shipped", shipped)):
-        torch.save(lp.unpack_world_clip(packed, name, lp.WORLD.seed), tmp_path / f"{which}.pt")
-        run = dataclasses.replace(cfg, pretrained=str(tmp_path / f"{which}.pt"), run_name=which)
-        preds.append(lp.evaluate(run, data, lp.build_model(run, data, torch.device("cpu")))["predictions"])
-    agree = float(np.mean(preds[0] == preds[1]))
-    agree = (preds[0] == preds[1]).float().mean().item()
+        return "bit-identical"
+    ours, theirs = world_clip_predictions(fresh, tmp_path, "fresh"), world_clip_predictions(shipped, tmp_path, "shipped")
+    agree = float(np.mean(ours == theirs))
     assert agree >= 0.97, f"the regenerated world CLIP agrees with the shipped one on {100 * agree:.1f} % of test images"
+    return f"agrees on {100 * agree:.1f} % of test images"
+
+
+def test_world_clip_regenerates(tmp_path):
+    """The shipped CLIP is what the project's own pretraining makes: pretrain again and compare."""
+    fresh = lp.ship_world_clip(tmp_path / "world_clip.pt")
+    print(check_regenerated(fresh, torch.load(lp.SHIPPED_CLIP, weights_only=True), tmp_path))
+
+
+def test_world_clip_tolerance_path(tmp_path):
+    """Both branches of check_regenerated run on every machine: a CLIP one float ulp away in one tensor takes
+    the tolerance path and passes; one with a damaged tensor fails it."""
+    shipped = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+    assert check_regenerated(copy.deepcopy(shipped), shipped, tmp_path) == "bit-identical"
+    nudged = copy.deepcopy(shipped)
+    w = nudged["state"]["visual.proj"]
+    nudged["state"]["visual.proj"] = (w.view(torch.int16) + 1).view(torch.float16)  # the next fp16 value
+    assert not torch.equal(nudged["state"]["visual.proj"], w)
+    assert check_regenerated(nudged, shipped, tmp_path).startswith("agrees on")
+    damaged = copy.deepcopy(shipped)
+    damaged["state"]["visual.proj"] = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).half() * w.std()
+    with pytest.raises(AssertionError, match="agrees with the shipped one on"):
+        check_regenerated(damaged, shipped, tmp_path)
 
 
 def test_world_zero_shot_beats_chance(world, tmp_path):
