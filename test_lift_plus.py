@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,17 +30,24 @@ import lift_plus as lp  # noqa: E402
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(2)
 
-TINY_VIT = {"embed_dim": 32, "quick_gelu": True,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-TINY_RESNET = {"embed_dim": 32, "quick_gelu": True,
-               "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_RESNET = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 # ------------------------------------------------------------------------------------------
 # fixtures: tiny models, a generated long-tailed image folder, the offline world
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def configs(tmp_path_factory):
@@ -52,8 +60,16 @@ def configs(tmp_path_factory):
 
 
 def make_cfg(configs, **kw) -> lp.Config:
-    base = dict(model=str(configs["TinyViT-test"]), pretrained="none", workers=0, batch_size=8, epochs=2,
-                eval_batch_size=16, log_every=1000, device="cpu")
+    base = dict(
+        model=str(configs["TinyViT-test"]),
+        pretrained="none",
+        workers=0,
+        batch_size=8,
+        epochs=2,
+        eval_batch_size=16,
+        log_every=1000,
+        device="cpu",
+    )
     return lp.finalize_config(lp.Config(**{**base, **kw}))
 
 
@@ -78,18 +94,25 @@ def folder(tmp_path_factory):
     return root
 
 
-_BUILT = {}
+@pytest.fixture(scope="session")
+def tiny_model(configs, folder):
+    """tiny_model(tuning, **flags) -> (cfg, data, model) of the tiny ViT on the folder task, as fit builds it
+    (with Appendix D's fast path unless fast=False); built once per setting, a fresh copy each call."""
+    built = {}
 
+    def build(tuning="adaptformer", **kw):
+        key = (tuning, tuple(sorted(kw.items())))
+        if key not in built:
+            cfg = make_cfg(configs, data=str(folder), tuning=tuning, **kw)
+            data = lp.build_data(cfg)
+            model = lp.build_model(cfg, data, torch.device("cpu"))
+            if cfg.fast:
+                lp.make_fast(model)
+            built[key] = (cfg, data, model)
+        cfg, data, model = built[key]
+        return cfg, data, copy.deepcopy(model)
 
-def tiny_model(configs, folder, tuning="adaptformer", **kw):
-    """(cfg, data, model) of the tiny ViT on the folder task; built once per setting, a fresh copy each call."""
-    key = (tuning, tuple(sorted(kw.items())))
-    if key not in _BUILT:
-        cfg = make_cfg(configs, data=str(folder), tuning=tuning, **kw)
-        data = lp.build_data(cfg)
-        _BUILT[key] = (cfg, data, lp.build_model(cfg, data, torch.device("cpu")))
-    cfg, data, model = _BUILT[key]
-    return cfg, data, copy.deepcopy(model)
+    return build
 
 
 def randomize_(module: torch.nn.Module, seed=0):
@@ -115,8 +138,7 @@ def interrupt_loss_call(monkeypatch, n: int):
 
 
 def fit_and_evaluate(cfg):
-    data, model = lp.fit(cfg)
-    return lp.evaluate(cfg, data, model)
+    return lp.run_job(cfg)
 
 
 def train_run(configs, folder, out, **kw):
@@ -127,15 +149,27 @@ def train_run(configs, folder, out, **kw):
 @pytest.fixture(scope="session")
 def world():
     """The offline world's config with its CLIP in the test cache (the shipped one, unpacked once)."""
-    cfg = lp.finalize_config(lp.Config(data="shapes_lt", workers=0, device="cpu", log_every=10 ** 6))
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt", workers=0, device="cpu", log_every=10**6))
     lp.build_data(cfg)
     return cfg
 
 
 def cli(*args, cwd=None):
     """The command line in a new process, as a user runs it."""
-    return subprocess.run([sys.executable, str(HERE / "lift_plus.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HERE / "lift_plus.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+    )
+
+
+def tiny_args(configs, data, out, flags: str = "") -> list:
+    """Command-line arguments of a run of the tiny ViT (random weights, no workers, the CPU), then `flags`."""
+    common = ["--data", str(data), "--model", str(configs["TinyViT-test"]), "--out", str(out)]
+    return common + f"--pretrained none --workers 0 --device cpu {flags}".split()
 
 
 def main_error(capsys, *args) -> str:
@@ -160,6 +194,7 @@ def assert_clean_error(result, pattern):
 # Part I, 1. Config: the paper's defaults, derived values
 # ------------------------------------------------------------------------------------------
 
+
 def test_defaults_are_the_papers():
     cfg = lp.finalize_config(lp.Config(data="imagenet_lt"))
     method = (cfg.tuning, cfg.init, cfg.prompt, cfg.logit_scale, cfg.loss, cfg.tau)
@@ -176,17 +211,20 @@ def test_defaults_are_the_papers():
 def test_finalize_is_the_one_writer():
     cfg = lp.Config(data="imagenet_lt")
     done = lp.finalize_config(cfg)
-    assert cfg.epochs is None and cfg.expand is None                # the input is not changed
+    assert cfg.epochs is None and cfg.expand is None  # the input is not changed
     assert done.run_name == "imagenet_lt_adaptformer_seed0" and done.workers >= 1
-    assert lp.finalize_config(done) == done                         # finalising twice changes nothing
+    assert lp.finalize_config(done) == done  # finalising twice changes nothing
     assert lp.finalize_config(lp.Config(data="imagenet_lt", tuning="mask")).mask_ratio == 0.005
     evaluation = lp.finalize_config(lp.Config(data="imagenet_lt", eval_only=True, checkpoint="runs/a/checkpoint.pt"))
-    assert evaluation.run_name is None and lp.finalize_config(evaluation) == evaluation  # it writes beside the checkpoint
+    assert (
+        evaluation.run_name is None and lp.finalize_config(evaluation) == evaluation
+    )  # it writes beside the checkpoint
 
 
 # ------------------------------------------------------------------------------------------
 # Part I, 2. Data: split lists, CIFAR-100-LT, the groups
 # ------------------------------------------------------------------------------------------
+
 
 def test_split_list_parsing(tmp_path):
     f = tmp_path / "ImageNet_LT_train.txt"
@@ -198,7 +236,9 @@ def test_split_list_parsing(tmp_path):
 def test_malformed_split_line_and_label_range(tmp_path):
     f = tmp_path / "train.txt"
     f.write_text("a.jpg 0\nb.jpg\n")
-    with pytest.raises(lp.LiftError, match=r"train.txt:2: expected '<relative/image/path> <integer label>', got 'b.jpg'"):
+    with pytest.raises(
+        lp.LiftError, match=r"train.txt:2: expected '<relative/image/path> <integer label>', got 'b.jpg'"
+    ):
         lp.read_split_list(f, tmp_path, 10)
     f.write_text("a.jpg 0\nb.jpg 12\n")
     with pytest.raises(lp.LiftError, match=r"train.txt:2: label 12 is outside the class range 0..9"):
@@ -223,7 +263,7 @@ def test_imagenet_lt_from_split_lists_is_lazy(tmp_path, configs):
     write_benchmark(tmp_path)
     cfg = make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "cache"))
     for p in (tmp_path / "train").rglob("*.JPEG"):
-        p.unlink()                                                  # building must not open images
+        p.unlink()  # building must not open images
     data = lp.build_data(cfg)
     assert data.num_classes == 1000 and data.classnames[:2] == ["tench", "goldfish"]
     assert data.train_counts[:3].tolist() == [6, 3, 1] and len(data.test) == 6
@@ -248,7 +288,9 @@ def test_places_classnames_both_formats(tmp_path):
     assert lp.read_places_classnames(tmp_path / "b.txt") == expected
 
 
-@pytest.mark.parametrize("ratio,total,groups", [(100, 10847, (35, 35, 30)), (50, 12608, (41, 41, 18)), (10, 19573, (69, 31, 0))])
+@pytest.mark.parametrize(
+    "ratio,total,groups", [(100, 10847, (35, 35, 30)), (50, 12608, (41, 41, 18)), (10, 19573, (69, 31, 0))]
+)
 def test_cifar100_lt_counts_and_groups(ratio, total, groups):
     counts = lp.cifar100_lt_counts(ratio)
     assert sum(counts) == total and counts[0] == 500 and counts[-1] == 500 // ratio
@@ -257,12 +299,12 @@ def test_cifar100_lt_counts_and_groups(ratio, total, groups):
 
 
 def test_make_long_tailed_keeps_the_counts_of_each_class():
-    labels = np.tile(np.arange(3), 10)                              # class c at positions c, c + 3, ...
+    labels = np.tile(np.arange(3), 10)  # class c at positions c, c + 3, ...
     keep = lp.make_long_tailed(labels, [5, 3, 1], seed=0)
     assert len(keep) == 9 and len(set(keep.tolist())) == 9
     assert np.bincount(labels[keep], minlength=3).tolist() == [5, 3, 1]
-    assert labels[keep].tolist() == [0] * 5 + [1] * 3 + [2]          # class by class, in class order
-    assert keep.tolist() == lp.make_long_tailed(labels, [5, 3, 1], seed=0).tolist()   # deterministic
+    assert labels[keep].tolist() == [0] * 5 + [1] * 3 + [2]  # class by class, in class order
+    assert keep.tolist() == lp.make_long_tailed(labels, [5, 3, 1], seed=0).tolist()  # deterministic
     assert keep.tolist() != lp.make_long_tailed(labels, [5, 3, 1], seed=1).tolist()
     # numpy's seeded shuffle is stable across versions: the published split depends on these exact draws
     assert keep.tolist() == [6, 24, 12, 27, 3, 10, 16, 4, 8]
@@ -272,6 +314,7 @@ def test_make_long_tailed_keeps_the_counts_of_each_class():
 # Part I, 3. Transforms: the MDA schedule and crops, the TTE views
 # ------------------------------------------------------------------------------------------
 
+
 def test_mda_schedule_values():
     convex = [lp.mda_min_scale(e, 5, "convex") for e in range(5)]
     np.testing.assert_allclose(convex, [0.08, 0.10926, 0.20325, 0.39143, 1.0], atol=5e-5)
@@ -279,9 +322,17 @@ def test_mda_schedule_values():
     assert [lp.mda_min_scale(e, 5, "max") for e in range(5)] == [1.0] * 5
     np.testing.assert_allclose([lp.mda_min_scale(e, 5, "linear") for e in range(5)], [0.08, 0.31, 0.54, 0.77, 1.0])
     concave = [lp.mda_min_scale(e, 5, "concave") for e in range(5)]
-    np.testing.assert_allclose(concave, [0.08, 0.08 + 0.92 * math.sqrt(1 - 0.75 ** 2), 0.08 + 0.92 * math.sqrt(0.75),
-                                         0.08 + 0.92 * math.sqrt(1 - 0.25 ** 2), 1.0])
-    assert lp.mda_min_scale(0, 1, "convex") == 0.08                 # a single epoch gets the first epoch's range
+    np.testing.assert_allclose(
+        concave,
+        [
+            0.08,
+            0.08 + 0.92 * math.sqrt(1 - 0.75**2),
+            0.08 + 0.92 * math.sqrt(0.75),
+            0.08 + 0.92 * math.sqrt(1 - 0.25**2),
+            1.0,
+        ],
+    )
+    assert lp.mda_min_scale(0, 1, "convex") == 0.08  # a single epoch gets the first epoch's range
 
 
 def test_mda_crops_are_squares_in_range():
@@ -293,12 +344,12 @@ def test_mda_crops_are_squares_in_range():
             assert 0 <= top <= H - side and 0 <= left <= W - side
             frac = side * side / (H * W)
             assert min(s_min, H / W) - 0.01 <= frac <= H / W + 0.01  # capped by the inscribed square
-    assert lp.mda_crop_box(H, W, 1.0, g)[2] == 300                  # the last epoch: the largest square
+    assert lp.mda_crop_box(H, W, 1.0, g)[2] == 300  # the last epoch: the largest square
     t = lp.MDATransform(32, 5, "convex", 0.08, seed=0)
     img = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8)
     out = t(img, index=3)
     assert out.shape == (1, 3, 32, 32) and out.dtype == torch.uint8
-    assert torch.equal(out, t(img, index=3))                        # deterministic per (seed, epoch, index)
+    assert torch.equal(out, t(img, index=3))  # deterministic per (seed, epoch, index)
     assert not torch.equal(out, t(img, index=4))
 
 
@@ -320,6 +371,7 @@ def assert_close_to_pil(ours: torch.Tensor, pil_views):
 def test_mda_output_matches_the_pil_path(tmp_path):
     from torchvision import transforms as T
     from torchvision.transforms import functional as TF
+
     pil = natural_image()
     pil.save(tmp_path / "a.jpg", quality=90)
     pil = Image.open(tmp_path / "a.jpg").convert("RGB")
@@ -327,7 +379,7 @@ def test_mda_output_matches_the_pil_path(tmp_path):
     assert torch.equal(img, torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # same decoded pixels as PIL
     t = lp.MDATransform(224, 5, "convex", 0.08, seed=0)
     for index in range(5):
-        gen = torch.Generator().manual_seed(index)                  # seed 0, epoch 0: the generator seed is the index
+        gen = torch.Generator().manual_seed(index)  # seed 0, epoch 0: the generator seed is the index
         top, left, side = lp.mda_crop_box(375, 500, 0.08, gen)
         ref = TF.resized_crop(pil, top, left, side, side, [224, 224], T.InterpolationMode.BICUBIC)
         assert_close_to_pil(t(img, index), [ref])
@@ -335,6 +387,7 @@ def test_mda_output_matches_the_pil_path(tmp_path):
 
 def test_tte_views_match_torchvision_five_crops():
     from torchvision import transforms as T
+
     pil = natural_image(40, 60)
     img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
     views = lp.EvalTransform(32, 40, five_crops=True)(img)
@@ -344,16 +397,17 @@ def test_tte_views_match_torchvision_five_crops():
     pil = natural_image()
     single = lp.EvalTransform(224, 256, False)(torch.from_numpy(np.array(pil)).permute(2, 0, 1))
     ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])(pil)
-    assert_close_to_pil(single, [ref])                               # resize 256, centre crop 224
+    assert_close_to_pil(single, [ref])  # resize 256, centre crop 224
 
 
 # ------------------------------------------------------------------------------------------
 # Part I, 4. Model: AdaptFormer, parity with open_clip, the semantic init, QuickGELU fidelity
 # ------------------------------------------------------------------------------------------
 
-def test_adaptformer_matches_its_equation(configs, folder):
+
+def test_adaptformer_matches_its_equation(configs, folder, tiny_model):
     """out = h + MLP(LN2(h)) + s * Up(ReLU(Down(LN_a(h)))), h = x + Attn(LN1(x)), by hand."""
-    _, _, model = tiny_model(configs, folder)
+    _, _, model = tiny_model()
     enc = model.encoder
     randomize_(enc.adaptformer)
     blk, af = enc.visual.transformer.resblocks[0], enc.adaptformer["0"]
@@ -361,7 +415,10 @@ def test_adaptformer_matches_its_equation(configs, folder):
     y = blk.ln_1(x)
     D, H = 64, blk.attn.num_heads
     q, k, v = (y @ blk.attn.in_proj_weight.t() + blk.attn.in_proj_bias).split(D, dim=-1)
-    heads = lambda t: t.reshape(2, 17, H, D // H).transpose(1, 2)  # [2, H, 17, D/H]
+
+    def heads(t):  # [2, 17, D] -> [2, H, 17, D/H]
+        return t.reshape(2, 17, H, D // H).transpose(1, 2)
+
     att = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(D // H), dim=-1) @ heads(v)
     h = x + blk.attn.out_proj(att.transpose(1, 2).reshape(2, 17, D))
     mlp = blk.mlp.c_proj(blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(h))))
@@ -369,33 +426,33 @@ def test_adaptformer_matches_its_equation(configs, folder):
     torch.testing.assert_close(enc.block(0, blk, x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_pre_projection_feature_times_projection_equals_encode_image(configs, folder):
-    cfg, _, model = tiny_model(configs, folder, tuning="classifier")
-    clip, _, _ = lp.load_clip(cfg)
+def test_pre_projection_feature_times_projection_equals_encode_image(configs, folder, tiny_model):
+    cfg, _, model = tiny_model(tuning="classifier")
+    clip, _, _, _ = lp.load_clip(cfg)
     model.encoder.visual.load_state_dict(clip.visual.state_dict())
     x = torch.randn(3, 3, 32, 32)
-    ours = model.encoder(x) @ model.encoder.visual.proj             # [3, E]
+    ours = model.encoder(x) @ model.encoder.visual.proj  # [3, E]
     torch.testing.assert_close(ours, clip.encode_image(x), rtol=1e-5, atol=1e-5)  # open_clip's own forward
 
 
-def test_zero_initialised_adaptformer_leaves_features_unchanged(configs, folder):
-    _, _, plain = tiny_model(configs, folder, tuning="classifier")
-    _, _, lifted = tiny_model(configs, folder, tuning="adaptformer")
+def test_zero_initialised_adaptformer_leaves_features_unchanged(configs, folder, tiny_model):
+    _, _, plain = tiny_model(tuning="classifier")
+    _, _, lifted = tiny_model(tuning="adaptformer")
     lifted.encoder.visual.load_state_dict(plain.encoder.visual.state_dict())
     assert len(lifted.encoder.adaptformer) == 2
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(lifted.features(x), plain.features(x), rtol=0, atol=0)
-    with torch.no_grad():                                           # the branch is live once Up is non-zero
-        lifted.encoder.adaptformer["1"].up.weight.normal_()         # (a constant fill would be cancelled by ln_post)
+    with torch.no_grad():  # the branch is live once Up is non-zero
+        lifted.encoder.adaptformer["1"].up.weight.normal_()  # (a constant fill would be cancelled by ln_post)
     assert not torch.allclose(lifted.features(x), plain.features(x))
 
 
-def test_semantic_init_prediction_agrees_with_zero_shot(configs, folder):
+def test_semantic_init_prediction_agrees_with_zero_shot(configs, folder, tiny_model):
     # With an image projection of orthonormal columns, |P t_j| = 1 for every class, so the cosine
     # classifier's logits are zero-shot CLIP's cosine scores times s |f P| / |f|, a per-image factor.
-    cfg, data, model = tiny_model(configs, folder, tuning="adaptformer")
-    clip, _, _ = lp.load_clip(cfg)
-    q, _ = torch.linalg.qr(torch.randn(64, 32))                     # [D, E], orthonormal columns
+    cfg, data, model = tiny_model(tuning="adaptformer")
+    clip, _, _, _ = lp.load_clip(cfg)
+    q, _ = torch.linalg.qr(torch.randn(64, 32))  # [D, E], orthonormal columns
     with torch.no_grad():
         clip.visual.proj.copy_(q)
     tok = __import__("open_clip").get_tokenizer(lp.open_clip_name(cfg.model))
@@ -404,9 +461,9 @@ def test_semantic_init_prediction_agrees_with_zero_shot(configs, folder):
     with torch.no_grad():
         model.head.weight.copy_(lp.semantic_init(t, clip.visual.proj))
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    ours = model(x)                                                  # [16, K]
+    ours = model(x)  # [16, K]
     zero_shot = clip.encode_image((x.float() - model.mean) / model.std, normalize=True) @ t.t()  # cosine scores
-    f = model.features(x)                                            # [16, D]
+    f = model.features(x)  # [16, D]
     factor = (f @ clip.visual.proj).norm(dim=-1, keepdim=True) / f.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(ours, cfg.logit_scale * zero_shot * factor, rtol=1e-4, atol=1e-4)
     # the same top class, except where two classes' cosines tie to within rounding (a CPU may order those either way)
@@ -429,7 +486,8 @@ def test_quick_gelu_follows_the_openai_tag():
     assert tag["mean"] == (0.48145466, 0.4578275, 0.40821073)
     assert tag["std"] == (0.26862954, 0.26130258, 0.27577711)
     assert tag["interpolation"] == "bicubic"
-    import open_clip                                                # that tag's model computes x * sigmoid(1.702 x)
+    import open_clip  # that tag's model computes x * sigmoid(1.702 x)
+
     clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
     act = clip.visual.transformer.resblocks[0].mlp[1]
     x = torch.linspace(-4, 4, 101)
@@ -438,11 +496,14 @@ def test_quick_gelu_follows_the_openai_tag():
 
 
 def test_quick_gelu_detected_for_openai_files(tmp_path):
-    jit_file = tmp_path / "ViT-B-16.pt"                               # OpenAI ships TorchScript archives
+    jit_file = tmp_path / "ViT-B-16.pt"  # OpenAI ships TorchScript archives
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(jit_file))
     plain = tmp_path / "weights.bin"
     torch.save({"a": torch.zeros(1)}, plain)
-    cfg = lambda p, q="auto": lp.finalize_config(lp.Config(model="ViT-B-16", pretrained=str(p), quick_gelu=q))
+
+    def cfg(p, q="auto"):
+        return lp.finalize_config(lp.Config(model="ViT-B-16", pretrained=str(p), quick_gelu=q))
+
     assert lp.resolve_clip(cfg(jit_file))[2] is True
     assert lp.resolve_clip(cfg(plain))[2] is False
     assert lp.resolve_clip(cfg(plain, "yes"))[2] is True
@@ -451,6 +512,7 @@ def test_quick_gelu_detected_for_openai_files(tmp_path):
 @pytest.fixture(scope="session")
 def vit_b16():
     import open_clip
+
     return open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True).visual
 
 
@@ -484,6 +546,7 @@ def test_bottleneck_rule(K, r):
 # Part I, 5. Loss
 # ------------------------------------------------------------------------------------------
 
+
 def test_logit_adjusted_loss_equals_cross_entropy_on_adjusted_logits():
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 3, 3, 0])
@@ -491,7 +554,7 @@ def test_logit_adjusted_loss_equals_cross_entropy_on_adjusted_logits():
     log_prior = torch.log(counts / counts.sum())
     for tau in (0.0, 1.0, 1.5):
         adjusted = logits + tau * log_prior
-        ref = -(adjusted.log_softmax(dim=1)[torch.arange(6), y]).mean()   # by hand
+        ref = -(adjusted.log_softmax(dim=1)[torch.arange(6), y]).mean()  # by hand
         torch.testing.assert_close(lp.logit_adjusted_loss(logits, y, log_prior, tau), ref)
     torch.testing.assert_close(lp.logit_adjusted_loss(logits, y, log_prior, 0.0), F.cross_entropy(logits, y))
 
@@ -500,13 +563,19 @@ def test_logit_adjusted_loss_equals_cross_entropy_on_adjusted_logits():
 # Part I, 6. Training: checkpoints, exact resume, accumulation, end to end
 # ------------------------------------------------------------------------------------------
 
+
 def test_checkpoint_round_trip_reproduces_evaluation(configs, folder, tmp_path):
     cfg, report = train_run(configs, folder, tmp_path, epochs=1)
     ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
-    assert sorted(state["tuned"]) == sorted([f"encoder.adaptformer.{i}.{p}" for i in (0, 1) for p in
-                                             ("ln.weight", "ln.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale")]
-                                            + ["head.weight"])     # never the frozen backbone
+    assert sorted(state["tuned"]) == sorted(
+        [
+            f"encoder.adaptformer.{i}.{p}"
+            for i in (0, 1)
+            for p in ("ln.weight", "ln.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale")
+        ]
+        + ["head.weight"]
+    )  # never the frozen backbone
     again = fit_and_evaluate(make_cfg(configs, data=str(folder), eval_only=True, checkpoint=str(ckpt)))
     assert again["per_class"] == report["per_class"] and again["overall"] == report["overall"]
     assert (tmp_path / cfg.run_name / "results_eval_tte3.json").exists()  # 24 px at 224 -> 3 px at 32
@@ -518,7 +587,9 @@ def test_checkpoint_of_another_tuning_mode_is_refused(configs, folder, tmp_path)
     cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
     ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
     other = make_cfg(configs, data=str(folder), tuning="lora", eval_only=True, checkpoint=str(ckpt))
-    with pytest.raises(lp.LiftError, match=r"does not match this run \(tuning: checkpoint 'adaptformer', this run 'lora'"):
+    with pytest.raises(
+        lp.LiftError, match=r"does not match this run \(tuning: checkpoint 'adaptformer', this run 'lora'"
+    ):
         fit_and_evaluate(other)
     with pytest.raises(lp.LiftError, match=r"exists: pass --resume"):
         train_run(configs, folder, tmp_path, epochs=1)
@@ -526,11 +597,11 @@ def test_checkpoint_of_another_tuning_mode_is_refused(configs, folder, tmp_path)
 
 def test_interrupted_run_resumes_exactly(configs, folder, tmp_path, monkeypatch):
     _, full = train_run(configs, folder, tmp_path / "a", epochs=3, seed=1)
-    real_loss = interrupt_loss_call(monkeypatch, 10)                # 50 images / batch 8 = 7 steps per epoch: epoch 2
+    real_loss = interrupt_loss_call(monkeypatch, 10)  # 50 images / batch 8 = 7 steps per epoch: epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_run(configs, folder, tmp_path / "b", epochs=3, seed=1)
     monkeypatch.setattr(lp, "logit_adjusted_loss", real_loss)
-    cfg, resumed = train_run(configs, folder, tmp_path / "b", epochs=3, seed=1, resume=True)
+    cfg, resumed = train_run(configs, folder, tmp_path / "b", epochs=3, seed=1, resume="yes")
     a = torch.load(tmp_path / "a" / cfg.run_name / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / cfg.run_name / "checkpoint.pt", weights_only=True)
     for k in a["tuned"]:
@@ -548,26 +619,26 @@ def test_gradient_accumulation_equals_full_batch(configs, folder, tmp_path):
 
 
 def test_cli_end_to_end_lowers_the_loss(configs, folder, tmp_path):
-    r = cli("--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
-            "--epochs", "4", "--batch-size", "8", "--lr", "0.05", "--out", str(tmp_path), "--run-name", "e2e")
+    r = cli(*tiny_args(configs, folder, tmp_path, "--epochs 4 --batch-size 8 --lr 0.05 --run-name e2e"))
     assert r.returncode == 0, r.stderr
     assert "Overall    Many  Medium     Few" in r.stdout
     results = json.loads((tmp_path / "e2e" / "results.json").read_text())
     losses = results["train_loss"]
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
     assert results["config"]["tuning"] == "adaptformer" and len(results["per_class_accuracy"]) == 4
-    assert results["metrics"]["overall"] > 25.0                     # above chance on 4 classes
+    assert results["metrics"]["overall"] > 25.0  # above chance on 4 classes
 
 
 # ------------------------------------------------------------------------------------------
 # Part I, 7. Evaluation: TTE, the accuracy report
 # ------------------------------------------------------------------------------------------
 
-def test_tte_equals_mean_of_per_crop_logits(configs, folder):
-    _, _, model = tiny_model(configs, folder)
+
+def test_tte_equals_mean_of_per_crop_logits(configs, folder, tiny_model):
+    _, _, model = tiny_model()
     randomize_(model.encoder.adaptformer)
     views = torch.randint(0, 256, (3, 5, 3, 32, 32), dtype=torch.uint8)
-    per_crop = torch.stack([model(views[:, v]) for v in range(5)], dim=1)   # [3, 5, K]
+    per_crop = torch.stack([model(views[:, v]) for v in range(5)], dim=1)  # [3, 5, K]
     torch.testing.assert_close(lp.tte_logits(model, views), per_crop.mean(dim=1), rtol=1e-5, atol=1e-5)
 
 
@@ -585,25 +656,35 @@ def test_accuracy_report_by_hand():
     assert r["overall"] == pytest.approx(100 * 5 / 9)
     assert r["per_class"] == [pytest.approx(75.0), pytest.approx(50.0), pytest.approx(100 / 3), None]
     assert (r["many"], r["medium"], r["few"]) == (pytest.approx(75.0), pytest.approx(50.0), pytest.approx(100 / 3))
-    assert lp.accuracy_report([0], [0], [150, 5])["few"] is None    # a group without test images has no mean
+    assert lp.accuracy_report([0], [0], [150, 5])["few"] is None  # a group without test images has no mean
 
 
 # ------------------------------------------------------------------------------------------
 # Part I, 8. Main: the command line
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--data", "imagenet_xx"], r"--data: unknown dataset 'imagenet_xx'"),
-    (["--data", "imagenet_lt", "--root", "{tmp}/nope"], r"--root .*nope: no such folder"),
-    (["--epochs", "0"], r"--epochs: expected an integer >= 1, got 0"),
-    (["--epochs", "two"], r"--epochs: invalid int value: 'two'"),
-    (["--lr", "nan"], r"--lr: expected a number > 0, got nan"),
-    (["--tuning", "heavy"], r"--tuning: invalid choice: 'heavy'"),
-    (["--batch-size", "128", "--accum-steps", "3"], r"--batch-size 128 is not divisible by --accum-steps 3"),
-    (["--data", "{folder}", "--model", "ViT-Q-99"], r"--model ViT-Q-99: unknown open_clip model"),
-    (["--data", "{folder}", "--model", "{rn}", "--pretrained", "none"], r"--tuning adaptformer needs a CLIP ViT image tower .*ModifiedResNet"),
-    (["--data", "{folder}", "--model", "{vit}", "--pretrained", "{tmp}/w.pt"], r"--pretrained .*w.pt: neither a pretrained tag"),
-])
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--data", "imagenet_xx"], r"--data: unknown dataset 'imagenet_xx'"),
+        (["--data", "imagenet_lt", "--root", "{tmp}/nope"], r"--root .*nope: no such folder"),
+        (["--epochs", "0"], r"--epochs: expected an integer >= 1, got 0"),
+        (["--epochs", "two"], r"--epochs: invalid int value: 'two'"),
+        (["--lr", "nan"], r"--lr: expected a number > 0, got nan"),
+        (["--tuning", "heavy"], r"--tuning: invalid choice: 'heavy'"),
+        (["--batch-size", "128", "--accum-steps", "3"], r"--batch-size 128 is not divisible by --accum-steps 3"),
+        (["--data", "{folder}", "--model", "ViT-Q-99"], r"--model ViT-Q-99: unknown open_clip model"),
+        (
+            ["--data", "{folder}", "--model", "{rn}", "--pretrained", "none"],
+            r"--tuning adaptformer needs a CLIP ViT image tower .*ModifiedResNet",
+        ),
+        (
+            ["--data", "{folder}", "--model", "{vit}", "--pretrained", "{tmp}/w.pt"],
+            r"--pretrained .*w.pt: neither a pretrained tag",
+        ),
+    ],
+)
 def test_bad_flags_give_one_clear_message(tmp_path, configs, folder, capsys, args, pattern):
     names = dict(tmp=tmp_path, folder=folder, rn=configs["TinyRN-test"], vit=configs["TinyViT-test"])
     err = main_error(capsys, *[a.format(**names) for a in args], "--out", str(tmp_path / "runs"))
@@ -614,8 +695,7 @@ def test_missing_or_unreadable_image_is_named(tmp_path, configs):
     write_images(tmp_path / "t" / "train", [3, 2], seed=0)
     write_images(tmp_path / "t" / "test", [1, 1], seed=1)
     (tmp_path / "t" / "train" / "class_1" / "0.png").write_bytes(b"not an image")
-    r = cli("--data", str(tmp_path / "t"), "--model", str(configs["TinyViT-test"]), "--pretrained", "none",
-            "--workers", "1", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "runs"))
+    r = cli(*tiny_args(configs, tmp_path / "t", tmp_path / "runs", "--workers 1 --epochs 1 --batch-size 2"))
     assert_clean_error(r, r"cannot read image .*class_1/0.png")
 
 
@@ -624,39 +704,57 @@ def test_missing_or_unreadable_image_is_named(tmp_path, configs):
 # ------------------------------------------------------------------------------------------
 
 METHOD_PARAMS = {  # which parameter names each method tunes (besides head.weight)
-    "adaptformer": r"encoder\.adaptformer\.", "adapter": r"\.mlp\.adapter\.",
+    "adaptformer": r"encoder\.adaptformer\.",
+    "adapter": r"\.mlp\.adapter\.",
     "lora": r"\.attn\.parametrizations\.in_proj_weight\.0\.[qv]_(down|up)$",
-    "vpt": r"encoder\.prompts\.", "full": r"encoder\.visual\.transformer\.resblocks\.[01]\.",
-    "partial": r"encoder\.visual\.transformer\.resblocks\.1\.", "bitfit": r"encoder\.visual\.transformer\.resblocks\.\d\..*bias$",
-    "mask": r"\.parametrizations\..*\.values$", "classifier": r"^$",
+    "vpt": r"encoder\.prompts\.",
+    "full": r"encoder\.visual\.transformer\.resblocks\.[01]\.",
+    "partial": r"encoder\.visual\.transformer\.resblocks\.1\.",
+    "bitfit": r"encoder\.visual\.transformer\.resblocks\.\d\..*bias$",
+    "mask": r"\.parametrizations\..*\.values$",
+    "classifier": r"^$",
 }
 
 
 def vit_b16_block_tensors():
     D = 768
-    return {"in_w": (3 * D, D), "in_b": (3 * D,), "out_w": (D, D), "out_b": (D,),
-            "fc_w": (4 * D, D), "fc_b": (4 * D,), "proj_w": (D, 4 * D), "proj_b": (D,), "ln_w": (D,) * 2, "ln_b": (D,) * 2}
+    return {
+        "in_w": (3 * D, D),
+        "in_b": (3 * D,),
+        "out_w": (D, D),
+        "out_b": (D,),
+        "fc_w": (4 * D, D),
+        "fc_b": (4 * D,),
+        "proj_w": (D, 4 * D),
+        "proj_b": (D,),
+        "ln_w": (D,) * 2,
+        "ln_b": (D,) * 2,
+    }
 
 
-@pytest.mark.parametrize("tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"])
+@pytest.mark.parametrize(
+    "tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"]
+)
 def test_method_sizes_on_vit_b16(vit_b16, tuning):
     """Parameter counts on ViT-B/16 with 1000 classes, from the size rules (reference computation)."""
     D, L, K = 768, 12, 1000
-    cfg = lp.finalize_config(lp.Config(data="imagenet_lt", tuning=tuning, partial_blocks=3 if tuning == "partial" else None))
+    cfg = lp.finalize_config(
+        lp.Config(data="imagenet_lt", tuning=tuning, partial_blocks=3 if tuning == "partial" else None)
+    )
     model = lp.LiftModel(copy.deepcopy(vit_b16), (0.5,) * 3, (0.5,) * 3, K, 25.0)
     lp.configure_tuning(model, cfg, K)
     n = lp.count_params(model)
-    numel = lambda shape: math.prod(shape)
+    numel = math.prod
     block = vit_b16_block_tensors()
     r = 2 ** math.floor(math.log2(K / (2 * L)))
     expected = {
-        "adaptformer": L * (2 * D + D * r + r + r * D + D + 1),               # LN_a, Down, Up, scale
+        "adaptformer": L * (2 * D + D * r + r + r * D + D + 1),  # LN_a, Down, Up, scale
         "adapter": L * (2 * D + D * r + r + r * D + D),
-        "lora": L * 2 * (2 * D * 16),                                        # rank 2**floor(log2(K/4L)) = 16
-        "vpt": L * 64 * D,                                                   # length 2**floor(log2(K/L)) = 64
+        "lora": L * 2 * (2 * D * 16),  # rank 2**floor(log2(K/4L)) = 16
+        "vpt": L * 64 * D,  # length 2**floor(log2(K/L)) = 64
         "full": L * (sum(numel(s) for k, s in block.items() if k[:2] != "ln") + 4 * D),
         "partial": 3 * (sum(numel(s) for k, s in block.items() if k[:2] != "ln") + 4 * D),
-        "bitfit": L * (3 * D + D + 4 * D + D + 2 * D),                       # attn in/out, fc, proj, two LNs
+        "bitfit": L * (3 * D + D + 4 * D + D + 2 * D),  # attn in/out, fc, proj, two LNs
         "mask": L * sum(round(0.005 * numel(s)) for k, s in block.items() if k[:2] != "ln"),
         "classifier": 0,
     }[tuning]
@@ -665,12 +763,16 @@ def test_method_sizes_on_vit_b16(vit_b16, tuning):
         assert (model.sizes["r"], n["method"]) == (32, 617_868)
 
 
-@pytest.mark.parametrize("tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"])
-def test_method_trainable_set_start_and_one_step(configs, folder, tuning):
+@pytest.mark.parametrize(
+    "tuning", ["adaptformer", "adapter", "lora", "vpt", "full", "partial", "bitfit", "mask", "classifier"]
+)
+def test_method_trainable_set_start_and_one_step(configs, folder, tuning, tiny_model):
     # r = 4: with the tiny model's size-rule r = 1 a single ReLU unit can be dead for every image
-    sizes = {"adaptformer": dict(adapter_dim=4), "adapter": dict(adapter_dim=4), "lora": dict(lora_rank=4)}.get(tuning, {})
-    cfg, data, model = tiny_model(configs, folder, tuning=tuning, **sizes)
-    _, _, frozen = tiny_model(configs, folder, tuning="classifier")
+    sizes = {"adaptformer": dict(adapter_dim=4), "adapter": dict(adapter_dim=4), "lora": dict(lora_rank=4)}.get(
+        tuning, {}
+    )
+    cfg, data, model = tiny_model(tuning=tuning, **sizes)
+    _, _, frozen = tiny_model(tuning="classifier")
     frozen.encoder.visual.load_state_dict(model.encoder.visual.state_dict(), strict=False)
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "head.weight" in tuned
@@ -682,9 +784,14 @@ def test_method_trainable_set_start_and_one_step(configs, folder, tuning):
     assert same == (tuning != "vpt")  # every method but VPT starts exactly at the frozen model (prompts attend)
 
     def snapshot():  # effective tensors, masked and LoRA weights included
-        return {**{n: p.detach().clone() for n, p in model.named_parameters()},
-                **{f"{n}.effective": getattr(m, k).detach().clone() for n, m in model.named_modules()
-                   for k in getattr(getattr(m, "parametrizations", None), "keys", lambda: [])()}}
+        return {
+            **{n: p.detach().clone() for n, p in model.named_parameters()},
+            **{
+                f"{n}.effective": getattr(m, k).detach().clone()
+                for n, m in model.named_modules()
+                for k in getattr(getattr(m, "parametrizations", None), "keys", lambda: [])()
+            },
+        }
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9, weight_decay=5e-4)
     with torch.no_grad():  # zero-initialised branches get a live Up so that every tuned tensor has a gradient
@@ -701,9 +808,9 @@ def test_method_trainable_set_start_and_one_step(configs, folder, tuning):
         assert changed == should, n
 
 
-def test_lora_parametrization_equals_the_low_rank_update(configs, folder):
+def test_lora_parametrization_equals_the_low_rank_update(configs, folder, tiny_model):
     """q and v gain x A B / r (the LIFT+ code's LoRA); k is unchanged."""
-    _, _, model = tiny_model(configs, folder, tuning="lora", lora_rank=4)
+    _, _, model = tiny_model(tuning="lora", lora_rank=4)
     blk = model.encoder.visual.transformer.resblocks[0]
     lora = blk.attn.parametrizations.in_proj_weight[0]
     randomize_(lora)
@@ -716,24 +823,27 @@ def test_lora_parametrization_equals_the_low_rank_update(configs, folder):
     torch.testing.assert_close(k, k0, rtol=0, atol=0)
 
 
-def test_random_mask_trains_exactly_the_chosen_entries(configs, folder, tmp_path):
-    cfg, data, model = tiny_model(configs, folder, tuning="mask", mask_ratio=0.05)
+def test_random_mask_trains_exactly_the_chosen_entries(configs, folder, tmp_path, tiny_model):
+    cfg, data, model = tiny_model(tuning="mask", mask_ratio=0.05)
     fc = model.encoder.visual.transformer.resblocks[0].mlp.c_fc
     original = fc.parametrizations.weight.original.detach().clone()
     index = fc.parametrizations.weight[0].index
     assert len(index) == round(0.05 * original.numel()) and len(set(index.tolist())) == len(index)
-    lp.train(cfg, data, model, tmp_path)
+    cfg = dataclasses.replace(cfg, out=str(tmp_path))
+    lp.train(cfg, data, model, lp.Job(cfg, data, model))
     changed = (fc.weight.detach() != original).flatten()
     assert changed.any() and set(torch.nonzero(changed).flatten().tolist()) <= set(index.tolist())
-    assert torch.equal(fc.weight.detach().flatten()[~torch.isin(torch.arange(original.numel()), index)],
-                       original.flatten()[~torch.isin(torch.arange(original.numel()), index)])
-    again = lp.build_model(cfg, data, torch.device("cpu"))          # the same seed draws the same entries
+    assert torch.equal(
+        fc.weight.detach().flatten()[~torch.isin(torch.arange(original.numel()), index)],
+        original.flatten()[~torch.isin(torch.arange(original.numel()), index)],
+    )
+    again = lp.build_model(cfg, data, torch.device("cpu"))  # the same seed draws the same entries
     assert torch.equal(again.encoder.visual.transformer.resblocks[0].mlp.c_fc.parametrizations.weight[0].index, index)
 
 
 @pytest.mark.parametrize("init", ["class_mean", "linear_probe", "none"])
-def test_classifier_inits(configs, folder, init):
-    cfg, data, model = tiny_model(configs, folder, init=init)
+def test_classifier_inits(configs, folder, init, tiny_model):
+    cfg, data, model = tiny_model(init=init)
     w = model.head.weight.detach()
     torch.testing.assert_close(w.norm(dim=-1), torch.ones(4))
     centre = lp.Views(data.train, lp.EvalTransform(32, 32, False))
@@ -745,8 +855,9 @@ def test_classifier_inits(configs, folder, init):
         feats, ys = lp.extract_features(model, centre, cfg)
         W, b = lp.logistic_regression(feats, ys, 4, iters=500)
         # (the init saw the same images in another order, so the 100-step L-BFGS differs in rounding)
-        torch.testing.assert_close(w, F.normalize(lp.logistic_regression(feats, ys, 4)[0], dim=-1).float(),
-                                   rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            w, F.normalize(lp.logistic_regression(feats, ys, 4)[0], dim=-1).float(), rtol=1e-3, atol=1e-4
+        )
         W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
         counts = torch.bincount(ys, minlength=4).double()
         lp.logistic_objective(feats.double(), ys, (len(ys) / (4 * counts))[ys], W, b).backward()
@@ -756,7 +867,7 @@ def test_classifier_inits(configs, folder, init):
 def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     other = tmp_path_factory.mktemp("zeroshot_eval")
     _, evaluated = train_run(configs, folder, other, tuning="zeroshot", eval_only=True, run_name="zs")
-    assert (other / "zs" / "results_eval_tte3.json").exists()       # zero-shot evaluates without a checkpoint
+    assert (other / "zs" / "results_eval_tte3.json").exists()  # zero-shot evaluates without a checkpoint
     tmp_path = tmp_path_factory.mktemp("table")
     cfg, report = train_run(configs, folder, tmp_path, tuning="zeroshot")
     assert report["per_class"] == evaluated["per_class"]
@@ -772,7 +883,7 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert re.search(r"\| \d+ s \| \d+ \|", classifier) and "| - | - |" in lines[3 if "zeroshot" in lines[3] else 2]
     _, other_seed = train_run(configs, folder, tmp_path, tuning="classifier", epochs=1, seed=1)
     first = json.loads(next(tmp_path.glob("*_classifier_seed0/results.json")).read_text())["metrics"]
-    seeds = lp.seeds_table(tmp_path).splitlines()                   # the two classifier seeds share a row
+    seeds = lp.seeds_table(tmp_path).splitlines()  # the two classifier seeds share a row
     assert len(seeds) == 4 and lines[0].count("|") != seeds[0].count("|")
     row = next(x for x in seeds if "| classifier |" in x)
     pair = [first["overall"], other_seed["overall"]]
@@ -783,12 +894,18 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
 def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
     """Runs of two CLIPs, or evaluated with and without TTE, are separate settings; seeds of one setting share a row."""
     base = dataclasses.asdict(lp.finalize_config(lp.Config(data="imagenet_lt")))
-    runs = {"a0": (dict(seed=0), 70.0), "a1": (dict(seed=1), 72.0), "b0": (dict(seed=0, model="ViT-B-32"), 60.0),
-            "c0": (dict(seed=0, tte=False, workers=3), 50.0)}
+    runs = {
+        "a0": (dict(seed=0), 70.0),
+        "a1": (dict(seed=1), 72.0),
+        "b0": (dict(seed=0, model="ViT-B-32"), 60.0),
+        "c0": (dict(seed=0, tte=False, workers=3), 50.0),
+    }
     for name, (over, acc) in runs.items():
         metrics = {"overall": acc, "many": acc, "medium": acc, "few": None}
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({"config": {**base, **over, "run_name": name}, "metrics": metrics}))
+        (tmp_path / name / "results.json").write_text(
+            json.dumps({"config": {**base, **over, "run_name": name}, "metrics": metrics})
+        )
     rows = lp.seeds_table(tmp_path).splitlines()[2:]
     assert len(rows) == 3
     assert "| 0, 1 | 71.00 ± 1.41 | 71.00 ± 1.41 | 71.00 ± 1.41 | n/a |" in rows[0]
@@ -799,20 +916,26 @@ def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
 # Appendix B. Weights and split lists offline
 # ------------------------------------------------------------------------------------------
 
+
 def test_missing_split_lists_offline(tmp_path, configs, monkeypatch):
     monkeypatch.setattr(lp, "online", lambda *a, **k: False)
     cfg = make_cfg(configs, data="places_lt", root=str(tmp_path), cache=str(tmp_path / "cache"))
-    with pytest.raises(lp.LiftError, match=r"split files not found: Places_LT_train.txt or train.txt, .*classnames.txt.*--splits DIR"):
+    with pytest.raises(
+        lp.LiftError, match=r"split files not found: Places_LT_train.txt or train.txt, .*classnames.txt.*--splits DIR"
+    ):
         lp.build_data(cfg)
 
 
 def test_offline_pretrained_tag_fails_fast_with_instructions(configs, monkeypatch, tmp_path):
     import time
+
     monkeypatch.setattr(lp, "online", lambda *a, **k: False)
-    monkeypatch.setenv("LIFT_CLIP_CACHE", str(tmp_path))            # an empty weight cache
+    monkeypatch.setenv("LIFT_CLIP_CACHE", str(tmp_path))  # an empty weight cache
     cfg = lp.finalize_config(lp.Config(model="ViT-B-32", pretrained="openai"))
     t0 = time.time()
-    with pytest.raises(lp.LiftError, match=r"--pretrained openai: could not get the weights of ViT-B-32.*--pretrained /path/to/file"):
+    with pytest.raises(
+        lp.LiftError, match=r"--pretrained openai: could not get the weights of ViT-B-32.*--pretrained /path/to/file"
+    ):
         lp.load_clip(cfg)
     assert time.time() - t0 < 30
 
@@ -821,16 +944,17 @@ def test_openai_torchscript_release_loads_with_quick_gelu(configs, tmp_path):
     """OpenAI ships ViT-B-16.pt as a TorchScript archive of the CLIP module: it must load (torch.load
     with weights_only refuses such archives), be recognised as OpenAI's, and compute the same function."""
     import open_clip
+
     name = lp.open_clip_name(str(configs["TinyViT-test"]))
     torch.manual_seed(3)
     ref = open_clip.create_model(name, pretrained=None).eval()
     img, txt = torch.randn(2, 3, 32, 32), open_clip.get_tokenizer(name)(["a photo of a cat.", "a dog"])
-    traced = torch.jit.trace(ref, (img, txt), check_trace=False, strict=False)   # a TorchScript CLIP, as OpenAI's
+    traced = torch.jit.trace(ref, (img, txt), check_trace=False, strict=False)  # a TorchScript CLIP, as OpenAI's
     path = tmp_path / "ViT-B-16.pt"
     torch.jit.save(traced, str(path))
     cfg = lp.finalize_config(lp.Config(model=str(configs["TinyViT-test"]), pretrained=str(path)))
-    assert lp.resolve_clip(cfg)[2] is True                                    # QuickGELU
-    clip, _, _ = lp.load_clip(cfg)
+    assert lp.resolve_clip(cfg)[2] is True  # QuickGELU
+    clip, _, _, _ = lp.load_clip(cfg)
     torch.testing.assert_close(clip.encode_image(img), ref.encode_image(img))
     torch.testing.assert_close(clip.encode_text(txt), ref.encode_text(txt))
 
@@ -839,53 +963,62 @@ def test_openai_torchscript_release_loads_with_quick_gelu(configs, tmp_path):
 # Appendix C. The offline world
 # ------------------------------------------------------------------------------------------
 
+
 def test_world_task_is_long_tailed_and_deterministic(world):
-    spec = lp.WORLD
+    """The task is rendered once into the cache (data/shapes_lt/prepare.py draws it) and read from there."""
+    w, spec = lp.world(), lp.world().WORLD
+    task = Path(world.cache).expanduser() / "world" / f"task-{w.task_key(spec)}.npz"
     data = lp.build_data(world)
+    assert task.is_file() and np.array_equal(data.train.images, w.render_task(spec)["train"])
     g = lp.class_groups(data.train_counts)
     assert min(len(g["many"]), len(g["medium"]), len(g["few"])) > 0
     assert data.train_counts.max() / data.train_counts.min() == spec.imbalance
     assert len(set(data.classnames)) == data.num_classes == spec.num_classes
     assert np.bincount(data.test.labels).tolist() == [spec.test_per_class] * spec.num_classes
     assert data.train.load(0).shape == (3, spec.image_size, spec.image_size)
-    concepts = lp.world_concepts()[:3]
-    a = lp.render_images(concepts, spec.task_style, seed=5)
-    assert np.array_equal(a, lp.render_images(concepts, spec.task_style, seed=5))
-    assert not np.array_equal(a, lp.render_images(concepts, spec.task_style, seed=6))
+    concepts = w.world_concepts()[:3]
+    a = w.render_images(concepts, spec.task_style, seed=5)
+    assert np.array_equal(a, w.render_images(concepts, spec.task_style, seed=5))
+    assert not np.array_equal(a, w.render_images(concepts, spec.task_style, seed=6))
 
 
 def test_world_pretraining_is_cached_and_reused(tmp_path, monkeypatch, capsys):
-    import dataclasses
-    small = dataclasses.replace(lp.WORLD, pretrain_images=512, pretrain_epochs=1)
-    monkeypatch.setattr(lp, "WORLD", small)
-    monkeypatch.setattr(lp, "_WORLD_TASK", {})
+    w = lp.world()
+    small = dataclasses.replace(w.WORLD, pretrain_images=512, pretrain_epochs=1)
+    monkeypatch.setattr(w, "WORLD", small)
     cfg = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
     assert cfg.model.endswith(".json") and not Path(cfg.pretrained).exists()
     lp.build_data(cfg)
     assert Path(cfg.pretrained).is_file() and "pretrained the world's CLIP" in capsys.readouterr().out
-    assert Path(cfg.pretrained).parent == tmp_path / "world" / lp.world_key(small)
+    assert Path(cfg.pretrained).parent == tmp_path / "world" / w.world_key(small)
     stamp = Path(cfg.pretrained).stat().st_mtime_ns
     again = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
     lp.build_data(again)
     assert (again.model, again.pretrained) == (cfg.model, cfg.pretrained)
     assert Path(again.pretrained).stat().st_mtime_ns == stamp and "pretrain" not in capsys.readouterr().out
-    assert lp.world_key(dataclasses.replace(small, pretrain_epochs=2)) != lp.world_key(small)  # another world, another key
+    assert w.world_key(dataclasses.replace(small, pretrain_epochs=2)) != w.world_key(
+        small
+    )  # another world, another key
 
 
 def test_world_clip_ships_with_the_project(tmp_path, monkeypatch, capsys):
     """A cold cache takes the shipped file (no pretraining): the packed fp16 weights plus the token embedding of
     the seed's init, which pretraining never changes."""
-    monkeypatch.setattr(lp, "_WORLD_TASK", {})
+    w = lp.world()
     packed = torch.load(lp.SHIPPED_CLIP, weights_only=True)
-    assert packed["key"] == lp.world_key(lp.WORLD), "assets/world_clip.pt is stale: run lift_plus.ship_world_clip()"
-    assert "token_embedding.weight" not in packed["state"] and {v.dtype for v in packed["state"].values()} == {torch.float16}
+    assert packed["key"] == w.world_key(w.WORLD), "assets/world_clip.pt is stale: run data/shapes_lt/prepare.py"
+    assert "token_embedding.weight" not in packed["state"] and {v.dtype for v in packed["state"].values()} == {
+        torch.float16
+    }
     cfg = lp.finalize_config(lp.Config(data="shapes_lt", cache=str(tmp_path)))
     lp.build_data(cfg)
     assert "pretrain" not in capsys.readouterr().out
     state = torch.load(cfg.pretrained, weights_only=True)
     name = lp.open_clip_name(cfg.model)
-    fresh = lp.random_clip(name, lp.WORLD.seed).state_dict()
-    assert state.keys() == fresh.keys() and torch.equal(state["token_embedding.weight"], fresh["token_embedding.weight"])
+    fresh = w.random_clip(name, w.WORLD.seed).state_dict()
+    assert state.keys() == fresh.keys() and torch.equal(
+        state["token_embedding.weight"], fresh["token_embedding.weight"]
+    )
     assert not torch.equal(state["visual.conv1.weight"], fresh["visual.conv1.weight"])
     assert all(torch.equal(state[k], v.float()) for k, v in packed["state"].items())
 
@@ -894,7 +1027,7 @@ def world_clip_predictions(packed: dict, tmp_path: Path, name: str) -> np.ndarra
     """Zero-shot predictions of a packed world CLIP on the world's test images (TTE, as the quick start)."""
     cfg = lp.finalize_config(lp.Config(data="shapes_lt", tuning="zeroshot", workers=0, device="cpu", out=str(tmp_path)))
     model_name, data = lp.open_clip_name(cfg.model), lp.build_data(cfg)
-    torch.save(lp.unpack_world_clip(packed, model_name, lp.WORLD.seed), tmp_path / f"{name}.pt")
+    torch.save(lp.world().unpack_world_clip(packed, model_name, lp.world().WORLD.seed), tmp_path / f"{name}.pt")
     run = dataclasses.replace(cfg, pretrained=str(tmp_path / f"{name}.pt"), run_name=name)
     return lp.evaluate(run, data, lp.build_model(run, data, torch.device("cpu")))["predictions"]
 
@@ -907,15 +1040,21 @@ def check_regenerated(fresh: dict, shipped: dict, tmp_path: Path) -> str:
     assert fresh["key"] == shipped["key"] and fresh["state"].keys() == shipped["state"].keys()
     if all(torch.equal(fresh["state"][k], v) for k, v in shipped["state"].items()):
         return "bit-identical"
-    ours, theirs = world_clip_predictions(fresh, tmp_path, "fresh"), world_clip_predictions(shipped, tmp_path, "shipped")
+    ours, theirs = (
+        world_clip_predictions(fresh, tmp_path, "fresh"),
+        world_clip_predictions(shipped, tmp_path, "shipped"),
+    )
     agree = float(np.mean(ours == theirs))
-    assert agree >= 0.97, f"the regenerated world CLIP agrees with the shipped one on {100 * agree:.1f} % of test images"
+    assert agree >= 0.97, (
+        f"the regenerated world CLIP agrees with the shipped one on {100 * agree:.1f} % of test images"
+    )
     return f"agrees on {100 * agree:.1f} % of test images"
 
 
 def test_world_clip_regenerates(tmp_path):
     """The shipped CLIP is what the project's own pretraining makes: pretrain again and compare."""
-    fresh = lp.ship_world_clip(tmp_path / "world_clip.pt")
+    cfg = lp.finalize_config(lp.Config(data="shapes_lt"))
+    fresh = lp.world().ship_world_clip(lp.open_clip_name(cfg.model), tmp_path / "world_clip.pt")
     print(check_regenerated(fresh, torch.load(lp.SHIPPED_CLIP, weights_only=True), tmp_path))
 
 
@@ -939,7 +1078,7 @@ def test_world_zero_shot_beats_chance(world, tmp_path):
     """The pretrained world CLIP recognises the downstream classes from their names alone."""
     cfg = lp.finalize_config(lp.dataclasses.replace(world, tuning="zeroshot", out=str(tmp_path), run_name=None))
     report = fit_and_evaluate(cfg)
-    assert report["overall"] > 3 * 100.0 / lp.WORLD.num_classes, report["overall"]
+    assert report["overall"] > 3 * 100.0 / lp.world().WORLD.num_classes, report["overall"]
 
 
 def notebook_text(nb) -> str:
@@ -952,15 +1091,26 @@ def test_tutorial_notebook_runs_offline(world, monkeypatch):
     Without a GPU the real-CLIP section says that it is skipped, in one sentence."""
     import nbformat
     from nbclient import NotebookClient
+
     nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
     saved = notebook_text(nb)
-    assert all(re.search(rf"LIFT\+ +seed {s}: trained and evaluated", saved) for s in (0, 1, 2)), "tutorial.ipynb: run it in full"
+    assert all(re.search(rf"LIFT\+ +seed {s}: trained and evaluated", saved) for s in (0, 1, 2)), (
+        "tutorial.ipynb: run it in full"
+    )
     monkeypatch.setenv("LIFT_TUTORIAL_SMOKE", "1")
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     printed = notebook_text(nb)
-    for label in ("zero-shot", "full, heavy, whole images", "LIFT+", "+ AdaptFormer", "+ semantic init", "the ladder never falls", "look-alike"):
+    for label in (
+        "zero-shot",
+        "full, heavy, whole images",
+        "LIFT+",
+        "+ AdaptFormer",
+        "+ semantic init",
+        "the ladder never falls",
+        "look-alike",
+    ):
         assert label in printed
-    assert "seed 1" not in printed                                  # the quick pass
+    assert "seed 1" not in printed  # the quick pass
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert figures >= 4
     last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
@@ -971,6 +1121,7 @@ def test_tutorial_notebook_runs_offline(world, monkeypatch):
 # ------------------------------------------------------------------------------------------
 # Appendix D. Speed: each fast path equals the taught one
 # ------------------------------------------------------------------------------------------
+
 
 def test_lean_quick_gelu_matches_autograd():
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
@@ -983,12 +1134,16 @@ def test_lean_quick_gelu_matches_autograd():
 
 
 @pytest.mark.parametrize("tuning", ["adaptformer", "adapter", "lora", "vpt", "mask"])
-def test_fast_path_equals_the_taught_forward_and_gradients(configs, folder, tuning):
-    sizes = {"adaptformer": dict(adapter_dim=4), "adapter": dict(adapter_dim=4), "lora": dict(lora_rank=4),
-             "mask": dict(mask_ratio=0.3)}.get(tuning, {})
-    _, _, fast = tiny_model(configs, folder, tuning=tuning, **sizes)
-    _, _, plain = tiny_model(configs, folder, tuning=tuning, fast=False, **sizes)
-    assert fast.encoder.fast and not plain.encoder.fast
+def test_fast_path_equals_the_taught_forward_and_gradients(configs, folder, tuning, tiny_model):
+    sizes = {
+        "adaptformer": dict(adapter_dim=4),
+        "adapter": dict(adapter_dim=4),
+        "lora": dict(lora_rank=4),
+        "mask": dict(mask_ratio=0.3),
+    }.get(tuning, {})
+    _, _, fast = tiny_model(tuning=tuning, **sizes)
+    _, _, plain = tiny_model(tuning=tuning, fast=False, **sizes)
+    assert isinstance(fast.encoder, lp.FastViT) and not isinstance(plain.encoder, lp.FastViT)
     assert any(isinstance(m, lp.LeanQuickGELU) for m in fast.modules())
     assert not any(isinstance(m, lp.LeanQuickGELU) for m in plain.modules())
     randomize_(fast.encoder)
@@ -1022,71 +1177,226 @@ def test_cached_features_train_the_classifier_as_the_backbone_would(configs, fol
     assert cached["per_class"] == direct["per_class"]
 
 
+def jpeg_path_files(folder: Path) -> list:
+    """A mixed folder: plain, progressive and greyscale JPEGs (decoded by nvJPEG), and the CPU's cases: a PNG, a
+    CMYK JPEG and an EXIF-rotated one."""
+    pil, exif = natural_image(), Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    pil.save(folder / "plain.jpg", quality=90)
+    pil.transpose(Image.Transpose.TRANSPOSE).save(folder / "tall.jpeg", quality=85)
+    pil.save(folder / "progressive.jpg", quality=90, progressive=True)
+    pil.convert("L").save(folder / "grey.jpg", quality=90)
+    pil.save(folder / "image.png")
+    pil.convert("CMYK").save(folder / "cmyk.jpg", quality=90)
+    pil.save(folder / "rotated.jpg", quality=90, exif=exif.tobytes())
+    return [
+        str(folder / n)
+        for n in ("plain.jpg", "tall.jpeg", "progressive.jpg", "grey.jpg", "image.png", "cmyk.jpg", "rotated.jpg")
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision's, the fallback decoder
+@pytest.mark.parametrize("views", ["mda", "tte", "centre"])
+def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch, views):
+    """--gpu-decode's code path run on the CPU (TorchCodec's or torchvision's CPU decoder standing in for nvJPEG): the
+    workers' boxes are MDATransform's / EvalTransform's, a mixed batch comes back in order with the CPU path's views
+    (float resize: within 2 levels, 0.3 on average), through DataLoader workers, in one batched decoder call; a batch
+    the decoder refuses is read as without --gpu-decode."""
+    paths = jpeg_path_files(tmp_path)
+    transform = {
+        "mda": lp.MDATransform(224, 5, "convex", 0.08, seed=3),
+        "tte": lp.EvalTransform(224, 248, True),
+        "centre": lp.EvalTransform(224, 256, False),
+    }[views]
+    transform.epoch = 1
+    order = [6, 0, 4, 1, 5, 2, 3]  # any order of the base set
+    cpu = lp.Views(lp.ImageSet(paths, [10, 11, 12, 13, 14, 15, 16]), transform, order)
+    cfg = lp.finalize_config(lp.Config(data="imagenet_lt"))
+    gpu, collate = lp.gpu_jpeg_views(cpu, cfg, torch.device("cuda"))  # chosen only, nothing runs on a GPU
+    assert isinstance(gpu, lp.JpegViews) and len(gpu) == len(cpu)
+    in_memory = lp.Views(lp.ImageSet(np.zeros((2, 8, 8, 3), np.uint8), [0, 1]), transform)
+    no_jpeg = lp.Views(lp.ImageSet(paths[4:5], [0]), transform)  # the PNG alone
+    for dataset, c, device in [
+        (cpu, cfg, "cpu"),
+        (cpu, dataclasses.replace(cfg, gpu_decode=False), "cuda"),
+        (in_memory, cfg, "cuda"),
+        (no_jpeg, cfg, "cuda"),
+    ]:
+        assert lp.gpu_jpeg_views(dataset, c, torch.device(device)) == (dataset, None)
+    items = [gpu[i] for i in range(len(gpu))]
+    assert [isinstance(x, tuple) for x, _ in items] == [False, True, False, True, False, True, True]
+    for (x, y), i in zip(items, order):
+        assert y == 10 + i
+        if isinstance(x, tuple):
+            (top, left, h, w), size, corners = x[2:]
+            H, W = (500, 375) if "tall" in paths[i] else (375, 500)
+            if views == "mda":
+                assert (top, left, h) == transform.box(H, W, i) and h == w
+                assert size == (224, 224) and corners == [(0, 0)]
+            else:
+                R = transform.resize  # the shorter side to R, then torchvision's crops
+                assert (top, left, h, w) == (0, 0, H, W) and size == ((R, R * W // H) if H <= W else (R * H // W, R))
+                centre = (int(round((size[0] - 224) / 2.0)), int(round((size[1] - 224) / 2.0)))  # torchvision's
+                five = [(0, 0), (0, size[1] - 224), (size[0] - 224, 0), (size[0] - 224, size[1] - 224), centre]
+                assert corners == (five if views == "tte" else [centre])
+    ref = torch.stack([cpu[i][0] for i in range(len(cpu))])  # [B, V, 3, S, S]
+    batch, labels = collate(items)
+    assert labels.tolist() == [10 + i for i in order]
+    from torchvision.io import decode_jpeg as real  # torchvision's, the fallback decoder
+
+    torchcodec, calls = lp.torchcodec_jpeg(), []
+
+    def counted(data, **kw):
+        calls.append(len(data))
+        return torchcodec(data, **kw)
+
+    for decoder in (counted, None):  # TorchCodec's decoder, then torchvision's
+        monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: decoder)
+        out = batch.to("cpu")
+        assert out.shape == ref.shape and out.dtype == torch.uint8
+        diff = (out.int() - ref.int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.3, (decoder, diff.max(), diff.float().mean())
+        assert torch.equal(out[[0, 2, 4]], ref[[0, 2, 4]])  # the CPU's cases: decoded by the worker
+    assert calls == [4]  # one call for the batch's four JPEGs
+    loader = torch.utils.data.DataLoader(
+        lp.Padded(gpu), batch_sampler=lp.ShardedBatches(list(range(len(gpu))), 4), num_workers=2, collate_fn=collate
+    )
+    assert torch.equal(torch.cat([b.to("cpu", non_blocking=True) for b, _ in loader]), out)
+
+    def refused(data, **kw):
+        refusals.append(len(data))
+        raise RuntimeError("nvJPEG refuses")
+
+    from torchvision import io as tvio
+
+    refusals = []
+    monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: refused)
+    monkeypatch.setattr(tvio, "decode_jpeg", lambda data, **kw: real(data, **kw) if refusals else refused(data))
+    assert torch.equal(batch.to("cpu"), out) and refusals == [4]  # TorchCodec refuses: torchvision decodes
+    monkeypatch.setattr(tvio, "decode_jpeg", refused)
+    assert torch.equal(batch.to("cpu"), out)  # both refuse: read_image (PIL), the same resize
+    assert refusals[:3] == [4, 4, 4]  # (then read_image's own TorchCodec call refuses)
+
+
+def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, tmp_path, monkeypatch, tiny_model):
+    """--compile: torch.compile's forward, backward and no-grad forward equal eager's (fp32, CPU); train compiles
+    before its first step, for each batch size it will see (50 images in batches of 8: 8 and 2)."""
+    cfg, _, model = tiny_model()
+    randomize_(model.encoder.adaptformer)
+    compiled = copy.deepcopy(model)
+    compiled.compile(dynamic=False)
+    lp.compile_warmup(compiled, {3}, None)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    a, b = model(x), compiled(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in compiled.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+    model.eval()
+    compiled.eval()
+    with torch.no_grad():
+        views = x[:2, None]  # [2, 1, 3, S, S]
+        torch.testing.assert_close(lp.tte_logits(compiled, views), lp.tte_logits(model, views), rtol=1e-5, atol=1e-5)
+    warmed = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: warmed.append("compiled"))  # eager, to be quick
+    monkeypatch.setattr(lp, "compile_warmup", lambda model, sizes, dtype: warmed.append(sorted(sizes)))
+    train_run(configs, folder, tmp_path, compile=True, epochs=1)
+    assert warmed == ["compiled", [2, 8]]
+
+
 # ------------------------------------------------------------------------------------------
 # Appendix E. Reliability: flags, combinations
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags,message", [
-    (dict(lr=float("nan")), "--lr: expected a number > 0, got nan"),
-    (dict(lr=float("inf")), "--lr: expected a number > 0, got inf"),
-    (dict(batch_size=0), "--batch-size: expected an integer >= 1, got 0"),
-    (dict(momentum=1.0), r"--momentum: expected a number in \[0, 1\), got 1.0"),
-    (dict(min_scale=0.0), r"--min-scale: expected a number in \(0, 1\], got 0.0"),
-    (dict(tau=-1.0), "--tau: expected a number >= 0, got -1.0"),
-    (dict(workers=-1), "--workers: expected an integer >= 0, got -1"),
-    (dict(loss="focal"), "--loss: expected one of la, ce, got 'focal'"),
-    (dict(prompt="a photo"), r"--prompt 'a photo': the template needs \{\} where the class name goes"),
-    (dict(lora_rank=4), "--lora-rank applies to --tuning lora only, not --tuning adaptformer"),
-    (dict(tuning="adaptformer", cache_features=True), "--cache-features applies to --tuning classifier only"),
-    (dict(checkpoint="x.pt"), "--checkpoint: it is read by --eval-only only; to continue a training run use --resume"),
-    (dict(loss="ce", tau=2.0), r"--tau: --loss ce has no logit adjustment \(use --loss la\)"),
-    (dict(tte=False, expand=8), "--expand: --no-tte resizes to S \\+ S // 7 and takes the centre crop"),
-    (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square every epoch"),
-    (dict(init="class_mean", prompt="a {}"), "--prompt: --init class_mean uses no prompt"),
-    (dict(amp="bf16", device="cpu"), "--amp bf16: mixed precision runs on GPUs only"),
-    (dict(eval_only=True, checkpoint="x.pt", resume=True), "--resume: --eval-only trains nothing to continue"),
-    (dict(eval_only=True, checkpoint="x.pt", run_name="r"), "--out / --run-name: --eval-only writes its results beside --checkpoint"),
-    (dict(data="shapes_lt", splits="/tmp"), "--splits: --data shapes_lt has no split lists"),
-    (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no image root"),
-    (dict(tuning="classifier", blocks="0-3"), "--blocks: --tuning classifier tunes no vision blocks by index"),
-    (dict(seed=-1), "--seed: expected an integer in \\[0, 2147483647\\], got -1"),
-    (dict(eval_only=True), r"--eval-only needs --checkpoint FILE"),
-    (dict(tuning="zeroshot", init="class_mean"), "--init class_mean: zero-shot classifies with the text prompts"),
-])
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (dict(lr=float("nan")), "--lr: expected a number > 0, got nan"),
+        (dict(lr=float("inf")), "--lr: expected a number > 0, got inf"),
+        (dict(batch_size=0), "--batch-size: expected an integer >= 1, got 0"),
+        (dict(momentum=1.0), r"--momentum: expected a number in \[0, 1\), got 1.0"),
+        (dict(min_scale=0.0), r"--min-scale: expected a number in \(0, 1\], got 0.0"),
+        (dict(tau=-1.0), "--tau: expected a number >= 0, got -1.0"),
+        (dict(workers=-1), "--workers: expected an integer >= 0, got -1"),
+        (dict(loss="focal"), "--loss: expected one of la, ce, got 'focal'"),
+        (dict(prompt="a photo"), r"--prompt 'a photo': the template needs \{\} where the class name goes"),
+        (dict(lora_rank=4), "--lora-rank applies to --tuning lora only, not --tuning adaptformer"),
+        (dict(tuning="adaptformer", cache_features=True), "--cache-features applies to --tuning classifier only"),
+        (
+            dict(checkpoint="x.pt"),
+            "--checkpoint: it is read by --eval-only only; to continue a training run use --resume",
+        ),
+        (dict(loss="ce", tau=2.0), r"--tau: --loss ce has no logit adjustment \(use --loss la\)"),
+        (dict(tte=False, expand=8), "--expand: --no-tte resizes to S \\+ S // 7 and takes the centre crop"),
+        (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square every epoch"),
+        (dict(init="class_mean", prompt="a {}"), "--prompt: --init class_mean uses no prompt"),
+        (dict(amp="bf16", device="cpu"), "--amp bf16: mixed precision runs on GPUs only"),
+        (dict(eval_only=True, checkpoint="x.pt", resume="yes"), "--resume: --eval-only trains nothing to continue"),
+        (
+            dict(eval_only=True, checkpoint="x.pt", run_name="r"),
+            "--out / --run-name: --eval-only writes its results beside --checkpoint",
+        ),
+        (dict(data="shapes_lt", splits="/tmp"), "--splits: --data shapes_lt has no split lists"),
+        (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no image root"),
+        (dict(tuning="classifier", blocks="0-3"), "--blocks: --tuning classifier tunes no vision blocks by index"),
+        (dict(seed=-1), "--seed: expected an integer in \\[0, 2147483647\\], got -1"),
+        (dict(eval_only=True), r"--eval-only needs --checkpoint FILE"),
+        (dict(tuning="zeroshot", init="class_mean"), "--init class_mean: zero-shot classifies with the text prompts"),
+    ],
+)
 def test_every_flag_is_checked_before_anything_runs(flags, message):
     with pytest.raises(lp.LiftError, match=message):
         lp.finalize_config(lp.Config(**{"data": "imagenet_lt", **flags}))
 
 
 def test_results_json_is_strict(configs, folder, tmp_path):
-    cfg, _ = train_run(configs, folder, tmp_path, tuning="zeroshot")
+    """A group without test images is null in results.json, never NaN (which strict JSON readers refuse); a
+    report that holds NaN is a bug, refused before anything is written."""
+    cfg, report = train_run(configs, folder, tmp_path, tuning="zeroshot")
     text = (tmp_path / cfg.run_name / "results.json").read_text()
-    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert report["many"] is None and results["metrics"]["many"] is None and '"many": null' in text  # no class > 100
+    data, model = lp.fit(cfg)
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        lp.write_results(cfg, data, model, {**report, "few": float("nan")})
 
 
 # ------------------------------------------------------------------------------------------
 # Appendix E. Reliability: image decoding, folders and lists, resume, the run folder, exits
 # ------------------------------------------------------------------------------------------
 
+
 def png_16bit_rgb(path: Path, a: np.ndarray):
     """A 16-bit RGB PNG written by hand (PIL cannot write one): a is uint16 [H, W, 3]."""
     import struct
     import zlib
+
     H, W, _ = a.shape
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(H))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path):
     """The fast JPEG path (TorchCodec) gives PIL's pixels, and a JPEG with an EXIF rotation is read as PIL
     and the LIFT+ code read it: not rotated."""
-    assert lp.torchcodec_jpeg() is not None                          # the pinned install has TorchCodec
+    assert lp.torchcodec_jpeg() is not None  # the pinned install has TorchCodec
     pil = natural_image(60, 80)
     pil.save(tmp_path / "plain.jpg", quality=90)
     exif = Image.Exif()
-    exif[0x0112] = 6                                                # "rotate 90 degrees to display"
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
     pil.save(tmp_path / "rotated.jpg", quality=90, exif=exif.tobytes())
     Image.fromarray(np.asarray(pil)[..., 0]).save(tmp_path / "gray.jpg", quality=90)
     for name in ("plain.jpg", "rotated.jpg", "gray.jpg"):
@@ -1099,7 +1409,10 @@ def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path):
 def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
     rng = np.random.RandomState(0)
     rgb = rng.randint(0, 256, (12, 16, 3)).astype(np.uint8)
-    read = lambda name: lp.read_image(tmp_path / name).permute(1, 2, 0).numpy().astype(int)
+
+    def read(name):
+        return lp.read_image(tmp_path / name).permute(1, 2, 0).numpy().astype(int)
+
     # 16-bit grayscale: scaled to 8 bits, not clipped at 255 (PIL's convert('RGB') clips)
     g16 = rng.randint(0, 65536, (12, 16)).astype(np.uint16)
     Image.fromarray(g16).save(tmp_path / "g16.png")
@@ -1113,6 +1426,7 @@ def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
     pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.save(tmp_path / "p.png", transparency=0)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = read("p.png")
@@ -1134,7 +1448,11 @@ def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "full.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
     Image.fromarray(rng.rand(12, 16).astype(np.float32)).save(tmp_path / "float.tiff")
-    for name, why in (("cut.jpg", "(?i)truncated"), ("cut.png", ""), ("float.tiff", "floating-point samples have no 8-bit range")):
+    for name, why in (
+        ("cut.jpg", "(?i)truncated"),
+        ("cut.png", ""),
+        ("float.tiff", "floating-point samples have no 8-bit range"),
+    ):
         with pytest.raises(lp.LiftError, match=rf"cannot read image .*{name}: (?i:.*{why.replace('(?i)', '')})"):
             lp.read_image(tmp_path / name)
 
@@ -1143,26 +1461,30 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
     root = tmp_path / "task"
     write_images(root / "train", [5, 3], seed=0)
     write_images(root / "test", [2, 0], seed=1)
-    (root / "test" / "class_1").rmdir()                             # class_1: training images, no test images
+    (root / "test" / "class_1").rmdir()  # class_1: training images, no test images
     nested = root / "train" / "class_0" / "more" / "deeper"
     nested.mkdir(parents=True)
     (root / "train" / "class_0" / "0.png").rename(nested / "0.png")  # nested subfolders count
-    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "__MACOSX", root / "train" / "class_1" / ".cache"):
+    for hidden in (
+        root / "train" / ".ipynb_checkpoints",
+        root / "train" / "__MACOSX",
+        root / "train" / "class_1" / ".cache",
+    ):
         hidden.mkdir()
         (hidden / "x.png").write_bytes((root / "train" / "class_1" / "0.png").read_bytes())
     (root / "train" / "class_1" / ".DS_Store").write_bytes(b"\0")
     (root / "train" / "class_1" / "notes.txt").write_text("not an image")
     (root / "train" / "class_1" / "link.png").symlink_to(root / "train" / "class_1" / "0.png")
     (root / "train" / "class_1" / "loop").symlink_to(root / "train" / "class_1")  # a folder link back: followed once
-    odd = os.fsdecode(b"caf\xe9.png")                               # a file name that is not UTF-8
+    odd = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
     (root / "train" / "class_1" / "1.png").rename(root / "train" / "class_1" / odd)
     data = lp.build_data(make_cfg(configs, data=str(root)))
     assert data.classnames == ["class_0", "class_1"]
-    assert data.train_counts.tolist() == [5, 4]                     # 3 + the link; hidden, loop and text skipped
+    assert data.train_counts.tolist() == [5, 4]  # 3 + the link; hidden, loop and text skipped
     assert torch.is_tensor(data.train.load(data.train.images.index(str(root / "train" / "class_1" / odd))))
     summary = lp.summarize_data(data, "task")
     assert "note: 1 files without an image extension skipped" in summary
-    assert "note: 4 hidden or tool entries skipped" in summary      # .ipynb_checkpoints, __MACOSX, .cache, .DS_Store
+    assert "note: 4 hidden or tool entries skipped" in summary  # .ipynb_checkpoints, __MACOSX, .cache, .DS_Store
     assert "note: 1 classes have no test image (no accuracy for them; left out of the group means)" in summary
     os.mkdir(root / "test" / "class_9")
     with pytest.raises(lp.LiftError, match=r"class 'class_9' has no training folder"):
@@ -1176,12 +1498,12 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
 def test_split_list_repeats_and_conflicts(tmp_path, configs):
     write_benchmark(tmp_path)
     lines = (tmp_path / "ImageNet_LT_train.txt").read_text().splitlines()
-    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(lines + lines[:2]) + "\n")   # two repeated lines
+    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(lines + lines[:2]) + "\n")  # two repeated lines
     test_lines = (tmp_path / "ImageNet_LT_test.txt").read_text().splitlines()
     (tmp_path / "ImageNet_LT_test.txt").write_text("\n".join(test_lines + [lines[-1]]) + "\n")  # a training image
     data = lp.build_data(make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "c")))
     summary = lp.summarize_data(data, "imagenet_lt")
-    assert data.train_counts[:3].tolist() == [8, 3, 1]               # kept, as listed (and as the LIFT+ code reads it)
+    assert data.train_counts[:3].tolist() == [8, 3, 1]  # kept, as listed (and as the LIFT+ code reads it)
     assert "note: 2 train entries repeat an earlier entry of the same image and label (kept, as listed)" in summary
     assert "note: 1 test images are also training images" in summary
     assert "note: 997 classes have no training image" in summary
@@ -1194,27 +1516,35 @@ def test_split_list_repeats_and_conflicts(tmp_path, configs):
 
 def test_resume_refuses_changed_settings_and_nothing_to_resume(configs, folder, tmp_path):
     cfg, _ = train_run(configs, folder, tmp_path, epochs=2)
-    with pytest.raises(lp.LiftError, match=r"--resume: .*checkpoint.pt was written with other settings \(--epochs 2 -> 3; --lr 0.02 -> 0.05\)"):
-        train_run(configs, folder, tmp_path, epochs=3, lr=0.05, resume=True)
+    with pytest.raises(
+        lp.LiftError,
+        match=r"--resume: .*checkpoint.pt was written with other settings \(--epochs 2 -> 3; --lr 0.02 -> 0.05\)",
+    ):
+        train_run(configs, folder, tmp_path, epochs=3, lr=0.05, resume="yes")
     with pytest.raises(lp.LiftError, match=r"--resume: .*other holds no checkpoint.pt to continue; drop --resume"):
-        train_run(configs, folder, tmp_path, epochs=2, resume=True, run_name="other")
+        train_run(configs, folder, tmp_path, epochs=2, resume="yes", run_name="other")
     # the same run resumed with run-only changes: allowed, and the files agree on the settings
-    _, again = train_run(configs, folder, tmp_path, epochs=2, resume=True, log_every=1, eval_batch_size=4)
+    _, again = train_run(configs, folder, tmp_path, epochs=2, resume="yes", log_every=1, eval_batch_size=4)
     results = json.loads((tmp_path / cfg.run_name / "results.json").read_text())
     state = torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)
-    assert results["config"]["epochs"] == state["config"]["epochs"] == 2 and results["train_loss"] == state["train_loss"]
+    assert (
+        results["config"]["epochs"] == state["config"]["epochs"] == 2 and results["train_loss"] == state["train_loss"]
+    )
 
 
 def test_model_identity_is_what_the_model_is_not_its_spelling(configs, folder, tmp_path, monkeypatch):
     cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
     ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
-    monkeypatch.chdir(configs["TinyViT-test"].parent)               # the same config file, spelled relatively
+    monkeypatch.chdir(configs["TinyViT-test"].parent)  # the same config file, spelled relatively
     same = make_cfg(configs, data=str(folder), model="TinyViT-test.json", eval_only=True, checkpoint=str(ckpt))
     fit_and_evaluate(same)
     other_seed = make_cfg(configs, data=str(folder), eval_only=True, checkpoint=str(ckpt), seed=5)
-    with pytest.raises(lp.LiftError, match=r"does not match this run \(model: checkpoint '.*random weights of seed 0', "
-                                           r"this run '.*random weights of seed 5'"):
-        fit_and_evaluate(other_seed)                                 # random frozen weights of another seed
+    with pytest.raises(
+        lp.LiftError,
+        match=r"does not match this run \(model: checkpoint '.*random weights of seed 0', "
+        r"this run '.*random weights of seed 5'",
+    ):
+        fit_and_evaluate(other_seed)  # random frozen weights of another seed
 
 
 def test_run_folder_is_checked_and_locked(configs, folder, tmp_path):
@@ -1223,25 +1553,36 @@ def test_run_folder_is_checked_and_locked(configs, folder, tmp_path):
         train_run(configs, folder, tmp_path, run_name="afile")
     with pytest.raises(lp.LiftError, match=r"--out / --run-name: cannot write in .*afile/run"):
         train_run(configs, folder, tmp_path / "afile", run_name="run")
-    import socket
     run = tmp_path / "locked"
     run.mkdir()
-    (run / "lock").write_text(f"1 {socket.gethostname()}")         # pid 1 is alive: another run holds it
-    with pytest.raises(lp.LiftError, match=r"another run \(pid 1 on .*\) is using this run folder"):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import filelock, sys; lock = filelock.FileLock(sys.argv[1]); "
+            "lock.acquire(); print('held', flush=True); sys.stdin.read()",
+            str(run / "lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"  # another live process holds the folder
+    with pytest.raises(lp.LiftError, match=r"locked: another run is using this run folder; wait for it to end"):
         train_run(configs, folder, tmp_path, run_name="locked")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    (run / "lock").write_text(f"{dead} {socket.gethostname()}")     # its process is gone: a stale lock is taken over
-    (run / f"checkpoint.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    holder.communicate("")  # it ends, and the operating system releases its lock
+    (run / "checkpoint.pt.tmp12345").write_bytes(b"half a checkpoint")  # left by a killed write
     train_run(configs, folder, tmp_path, run_name="locked", epochs=1)
-    assert not (run / f"checkpoint.pt.tmp{dead}").exists()
-    assert not (run / "lock").exists()                              # a finished run releases the folder
+    assert not (run / "checkpoint.pt.tmp12345").exists()
+    assert str(run) not in lp.LOCKS  # a finished run releases the folder
 
 
-def test_interrupts_and_unexpected_errors_end_in_one_line(configs, folder, tmp_path, capsys, monkeypatch):
-    base = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
-            "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path), "--device", "cpu"]
-    for at, name, hint in ((3, "a", r"interrupted before any epoch finished: nothing to resume"),
-                           (10, "b", r"interrupted; epoch 1/2 is in .*b/checkpoint.pt: continue with --resume")):
+def test_interrupts_end_in_one_line_and_bugs_show_their_traceback(configs, folder, tmp_path, capsys, monkeypatch):
+    base = tiny_args(configs, folder, tmp_path, "--epochs 2 --batch-size 8")
+    for at, name, hint in (
+        (3, "a", r"interrupted before any epoch finished: nothing to resume"),
+        (10, "b", r"interrupted; epoch 1/2 is in .*b/checkpoint.pt: continue with --resume"),
+    ):
         monkeypatch.undo()
         interrupt_loss_call(monkeypatch, at)
         capsys.readouterr()
@@ -1249,19 +1590,16 @@ def test_interrupts_and_unexpected_errors_end_in_one_line(configs, folder, tmp_p
             lp.main(base + ["--run-name", name])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 130 and re.fullmatch(hint, err), err
-    monkeypatch.setattr(lp, "logit_adjusted_loss", lambda *a, **k: [].pop())
-    with pytest.raises(SystemExit) as e:
+    monkeypatch.undo()
+    r = cli(*base, "--run-name", "c", "--tuning", "nonsense")  # bad input: one line, exit 2
+    assert_clean_error(r, r"--tuning: invalid choice: 'nonsense'")
+    monkeypatch.setattr(lp, "logit_adjusted_loss", lambda *a, **k: [].pop())  # a bug: Python's own traceback
+    with pytest.raises(IndexError, match="pop from empty list"):
         lp.main(base + ["--run-name", "c"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
-    log = re.search(r"the traceback in (\S+)$", err).group(1)
-    assert err.startswith("error: an internal error (IndexError) ended the run: a bug in lift_plus")
-    assert "pop from empty list" not in err and "Traceback" in Path(log).read_text()
 
 
 def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_path, capsys):
-    args = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
-            "--out", str(tmp_path), "--run-name", "c", "--check"]
+    args = tiny_args(configs, folder, tmp_path, "--run-name c --check")
     capsys.readouterr()
     lp.main(args)
     out = capsys.readouterr().out
@@ -1280,23 +1618,26 @@ def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_p
 # Appendix F. torchrun, metrics.jsonl, predict, iNaturalist's taxonomy levels
 # ------------------------------------------------------------------------------------------
 
-def torchrun(*args):
+
+def torchrun(*args, script=HERE / "lift_plus.py", restarts: int = 0):
     """torchrun as `python -m torch.distributed.run` (the same launcher; a moved venv's console scripts break)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "lift_plus.py"), *args],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--max-restarts", str(restarts), str(script), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600
+    )
 
 
 def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monkeypatch):
     """torchrun with 2 processes (gloo, CPU) equals one process: the same tuned weights after each epoch and
     the same accuracy. Batch 14 in micro-batches of 7 leaves a last micro-batch of 1 image (one process gets
     a padding item), and evaluation batches of 3 split unevenly; an interrupted run resumes under torchrun."""
-    flags = ["--data", str(folder), "--model", str(configs["TinyViT-test"]), "--pretrained", "none", "--workers", "0",
-             "--device", "cpu", "--epochs", "2", "--batch-size", "14", "--accum-steps", "2", "--eval-batch-size", "3",
-             "--out", str(tmp_path)]
+    flags = tiny_args(configs, folder, tmp_path, "--epochs 2 --batch-size 14 --accum-steps 2 --eval-batch-size 3")
     r = torchrun(*flags, "--run-name", "two")
     assert r.returncode == 0, r.stderr[-3000:]
-    _, one = train_run(configs, folder, tmp_path, run_name="one", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3)
+    _, one = train_run(
+        configs, folder, tmp_path, run_name="one", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3
+    )
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("two", "one"))
     for k in b["tuned"]:
         torch.testing.assert_close(a["tuned"][k], b["tuned"][k], rtol=1e-5, atol=1e-6)
@@ -1305,10 +1646,12 @@ def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monk
     assert two["per_class_accuracy"] == one["per_class"] and two["metrics"]["overall"] == one["overall"]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     # interrupted in epoch 2 in one process, resumed by two: the weights of the uninterrupted run
-    interrupt_loss_call(monkeypatch, 11)                            # 8 micro-batches per epoch: in epoch 2
+    interrupt_loss_call(monkeypatch, 11)  # 8 micro-batches per epoch: in epoch 2
     with pytest.raises(KeyboardInterrupt):
-        train_run(configs, folder, tmp_path, run_name="resumed", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3)
-    lp.release_lock(tmp_path / "resumed" / "lock")                  # as the interrupted process does when it exits
+        train_run(
+            configs, folder, tmp_path, run_name="resumed", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3
+        )
+    lp.release_lock(tmp_path / "resumed")  # as the interrupted process does when it exits
     r = torchrun(*flags, "--run-name", "resumed", "--resume")
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
     c = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
@@ -1318,18 +1661,36 @@ def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monk
 
 def test_sharded_batches_cover_each_batch_once(monkeypatch):
     for n, B, W in ((10, 4, 3), (7, 7, 2), (5, 2, 4)):
-        single = list(lp.ShardedBatches(n, B, torch.Generator().manual_seed(0)))
-        assert single == [torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[i:i + B] for i in range(0, n, B)]
+        monkeypatch.undo()  # one process
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        single = [[i for i, _ in b] for b in lp.ShardedBatches(order, B)]
+        assert single == [order[i : i + B] for i in range(0, n, B)]
+        assert [[i for i, _ in b] for b in lp.ShardedBatches(order, B, start=1)] == single[1:]  # a resumed epoch
         shares = []
         for r in range(W):
             monkeypatch.setattr(lp, "rank", lambda r=r: r)
             monkeypatch.setattr(lp, "processes", lambda W=W: W)
-            shares.append(list(lp.ShardedBatches(n, B, torch.Generator().manual_seed(0))))
+            shares.append(list(lp.ShardedBatches(order, B)))
             assert all(len(b) > 0 for b in shares[-1])
-        for step, batch in enumerate(single):                       # the same images in every step, each once
-            assert sorted(i for s in shares for i in s[step] if i >= 0) == sorted(batch)
-            assert all(len(s) == len(single) for s in shares)      # every process runs every step
-        monkeypatch.undo()
+        for step, batch in enumerate(single):  # the same images in every step, each once; padding is marked
+            assert sorted(i for s in shares for i, pad in s[step] if not pad) == sorted(batch)
+
+
+def test_job_batches_are_one_seeded_permutation(configs, folder, tmp_path):
+    """The Job's optimiser steps (sharded, resumable) are batch_size images of one permutation seeded by (seed,
+    epoch), as a DataLoader with RandomSampler draws them; from step 2 it yields the rest of the epoch."""
+    cfg = make_cfg(configs, data=str(folder), out=str(tmp_path), batch_size=8)
+    data = lp.build_data(cfg)
+    views = lp.Views(data.train, lp.MDATransform(32, cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed))
+    job = lp.Job(cfg, data)
+    job.progress = lp.Progress(cfg, 7, tmp_path / "metrics.jsonl")
+    sampler = torch.utils.data.RandomSampler(views, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 1))
+    a, b = list(torch.utils.data.DataLoader(views, 8, sampler=sampler)), list(job.batches(views, 1, 0))
+    assert len(a) == len(b) == 7
+    for (x, y), (u, v) in zip(a, b):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    rest = list(job.batches(views, 1, 2))
+    assert len(rest) == 5 and all(torch.equal(x, u) for (x, _), (u, _) in zip(rest, b[2:]))
 
 
 def test_metrics_jsonl_and_run_json(configs, folder, tmp_path):
@@ -1345,16 +1706,27 @@ def test_metrics_jsonl_and_run_json(configs, folder, tmp_path):
     assert run["versions"]["torch"] == torch.__version__ and run["processes"] == 1
 
 
-def test_predict_writes_top_k_with_the_runs_views(configs, folder, tmp_path, capsys):
+def test_predict_writes_top_k_with_the_runs_views(configs, folder, tmp_path, capsys, tiny_model):
     cfg, _ = train_run(configs, folder, tmp_path, epochs=1)
     ckpt = tmp_path / cfg.run_name / "checkpoint.pt"
     images = folder / "test" / "class_2"
-    lp.main(["predict", "--checkpoint", str(ckpt), str(images), str(folder / "test" / "class_0" / "1.png"),
-             "--top-k", "2", "--out", str(tmp_path / "p.json")])
+    lp.main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            str(images),
+            str(folder / "test" / "class_0" / "1.png"),
+            "--top-k",
+            "2",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
     rows = json.loads((tmp_path / "p.json").read_text())
     assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png", "1.png"]
     # the same probabilities as the evaluation path on those images, with TTE
-    _, data, model = tiny_model(configs, folder, epochs=1)
+    _, data, model = tiny_model(epochs=1)
     lp.read_checkpoint(ckpt, cfg, data, model)
     paths = [r["image"] for r in rows]
     views = lp.Views(lp.ImageSet(paths, [0] * 5), lp.EvalTransform(32, 35, True))
@@ -1371,21 +1743,148 @@ def test_predict_writes_top_k_with_the_runs_views(configs, folder, tmp_path, cap
 
 
 def test_inat_taxonomy_levels(tmp_path, configs):
-    cats = [{"id": 0, "name": "Canis lupus", "genus": "Canis", "family": "Canidae", "order": "Carnivora", "class": "Mammalia",
-             "phylum": "Chordata", "kingdom": "Animalia"},
-            {"id": 1, "name": "Vulpes vulpes", "genus": "Vulpes", "family": "Canidae", "order": "Carnivora", "class": "Mammalia",
-             "phylum": "Chordata", "kingdom": "Animalia"},
-            {"id": 2, "name": "Quercus robur", "genus": "Quercus", "family": "Fagaceae", "order": "Fagales", "class": "Magnoliopsida",
-             "phylum": "Tracheophyta", "kingdom": "Plantae"}]
+    cats = [
+        {
+            "id": 0,
+            "name": "Canis lupus",
+            "genus": "Canis",
+            "family": "Canidae",
+            "order": "Carnivora",
+            "class": "Mammalia",
+            "phylum": "Chordata",
+            "kingdom": "Animalia",
+        },
+        {
+            "id": 1,
+            "name": "Vulpes vulpes",
+            "genus": "Vulpes",
+            "family": "Canidae",
+            "order": "Carnivora",
+            "class": "Mammalia",
+            "phylum": "Chordata",
+            "kingdom": "Animalia",
+        },
+        {
+            "id": 2,
+            "name": "Quercus robur",
+            "genus": "Quercus",
+            "family": "Fagaceae",
+            "order": "Fagales",
+            "class": "Magnoliopsida",
+            "phylum": "Tracheophyta",
+            "kingdom": "Plantae",
+        },
+    ]
     (tmp_path / "categories.json").write_text(json.dumps(cats))
     (tmp_path / "iNaturalist18_train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 2\nd.jpg 2\n")
     (tmp_path / "iNaturalist18_val.txt").write_text("e.jpg 1\n")
-    expected = {"species": (["Canis lupus", "Quercus robur", "Vulpes vulpes"], [0, 2, 1, 1]),
-                "genus": (["Canis", "Quercus", "Vulpes"], [0, 2, 1, 1]),
-                "family": (["Canidae", "Fagaceae"], [0, 0, 1, 1]),
-                "kingdom": (["Animalia", "Plantae"], [0, 0, 1, 1])}
+    expected = {
+        "species": (["Canis lupus", "Quercus robur", "Vulpes vulpes"], [0, 2, 1, 1]),
+        "genus": (["Canis", "Quercus", "Vulpes"], [0, 2, 1, 1]),
+        "family": (["Canidae", "Fagaceae"], [0, 0, 1, 1]),
+        "kingdom": (["Animalia", "Plantae"], [0, 0, 1, 1]),
+    }
     for level, (names, labels) in expected.items():
-        data = lp.build_data(make_cfg(configs, data="inat2018", root=str(tmp_path), cache=str(tmp_path / "c"), inat_level=level))
+        data = lp.build_data(
+            make_cfg(configs, data="inat2018", root=str(tmp_path), cache=str(tmp_path / "c"), inat_level=level)
+        )
         assert (data.classnames, data.train.labels) == (names, labels), level
     with pytest.raises(lp.LiftError, match="--inat-level: applies to --data inat2018 only"):
         make_cfg(configs, data="imagenet_lt", inat_level="genus")
+
+
+# ------------------------------------------------------------------------------------------
+# Part II. A cluster's faults: signals, mid-epoch checkpoints, --resume auto, torchrun restarts
+# ------------------------------------------------------------------------------------------
+
+
+def signal_at_loss_call(monkeypatch, n: int, signum, again: bool = False):
+    """Send this process `signum` during the n-th call of the loss, as a cluster's scheduler would; with again, a
+    second one arrives while the checkpoint is being written."""
+    real, calls = lp.logit_adjusted_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lp, "logit_adjusted_loss", loss)
+    if again:
+        save = lp.atomic_torch_save
+
+        def interrupted_save(path, obj):
+            if calls["n"] >= n:
+                os.kill(os.getpid(), signum)  # ignored until the write is complete
+            save(path, obj)
+
+        monkeypatch.setattr(lp, "atomic_torch_save", interrupted_save)
+
+
+@pytest.mark.parametrize("signum,code,again", [(signal.SIGTERM, 143, False), (signal.SIGUSR1, 75, True)])
+def test_signal_stops_at_a_step_and_resume_auto_continues_exactly(
+    configs, folder, tmp_path, capsys, monkeypatch, signum, code, again
+):
+    """SLURM's SIGTERM (exit 143) or its warning SIGUSR1 (exit 75, requeue) mid-epoch: the run stops after the step
+    it is in, with a checkpoint of that step; a second signal during the write loses nothing. The same command with
+    --resume auto then ends with the uninterrupted run's weights and losses, bit for bit."""
+    args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1")
+    lp.main(args + ["--run-name", "whole"])
+    signal_at_loss_call(monkeypatch, 10, signum, again)  # 7 steps per epoch: during step 3 of epoch 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        lp.main(args + ["--run-name", "cut", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert e.value.code == code and f"{signal.Signals(signum).name}: stopping after this step" in err
+    assert re.search(r"interrupted; epoch 1/3 \+ 3 steps is in .*cut/checkpoint.pt: continue with --resume", err)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 3)
+    monkeypatch.undo()
+    lp.main(args + ["--run-name", "cut", "--resume", "auto"])
+    assert "resuming" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("whole", "cut"))
+    assert all(torch.equal(a["tuned"][k], b["tuned"][k]) for k in a["tuned"]) and a["train_loss"] == b["train_loss"]
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # no epoch is counted twice
+
+
+def test_mid_epoch_checkpoints_and_resume_auto_on_a_fresh_folder(configs, folder, tmp_path, monkeypatch):
+    """--save-every writes a checkpoint at step boundaries within the epoch; --resume auto on a new folder trains
+    from scratch."""
+    cfg, _ = train_run(configs, folder, tmp_path, epochs=1, resume="auto")
+    assert torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    saved, real = [], lp.save_checkpoint
+
+    def save(job, epoch, step, loss_so_far):
+        saved.append((epoch, step))
+        real(job, epoch, step, loss_so_far)
+
+    monkeypatch.setattr(lp, "save_checkpoint", save)
+    train_run(configs, folder, tmp_path, run_name="often", epochs=1, save_every=1e-6)  # due after every step
+    assert saved == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0)]
+
+
+def test_killed_torchrun_worker_restarts_from_the_checkpoint(configs, folder, tmp_path):
+    """torchrun --max-restarts 1 with --resume auto: one worker is killed in epoch 2; torchrun restarts both, which
+    continue from the epoch-1 checkpoint, and the final weights are the uninterrupted single process's."""
+    script = tmp_path / "killed_once.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {str(HERE)!r})
+import lift_plus as lp
+marker, real, calls = {str(tmp_path / "killed")!r}, lp.logit_adjusted_loss, [0]
+def loss(*a, **k):
+    calls[0] += 1
+    if calls[0] == 6 and os.environ["RANK"] == "1" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+lp.logit_adjusted_loss = loss
+lp.main()
+""")
+    flags = tiny_args(configs, folder, tmp_path, "--epochs 2 --batch-size 14 --resume auto")
+    r = torchrun(*flags, "--run-name", "two", script=script, restarts=1)
+    assert r.returncode == 0 and (tmp_path / "killed").exists(), r.stderr[-3000:]
+    _, one = train_run(configs, folder, tmp_path, run_name="one", epochs=2, batch_size=14)
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("two", "one"))
+    for k in b["tuned"]:
+        torch.testing.assert_close(a["tuned"][k], b["tuned"][k], rtol=1e-5, atol=1e-6)
