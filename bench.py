@@ -529,7 +529,7 @@ def model_rows(device, dtype, arch: str, B: int, iters: int) -> tuple:
                     measure(f"evaluation, eager, SDPA {backend.name} only", f"eval_{backend.name}", eval_step, B)
             except RuntimeError as e:
                 print(f"  SDPA {backend.name}: {str(e).splitlines()[0][:100]}")
-    model.compile(dynamic=False)  # as lift_plus's build_model does with --compile
+    model.compile(dynamic=False)  # as lift_plus's fit does with --compile
     t0 = time.perf_counter()
     lp.compile_warmup(model, {B}, dtype)
     sync(device)
@@ -785,7 +785,7 @@ def frozen_feature_modes(count=2000, threads=2):
     clip = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
     model = lp.LiftModel(clip.visual, (0.5,) * 3, (0.5,) * 3, 50, 25.0)  # CPU: train takes the device from the model
     lp.configure_tuning(model, cfg, 50)
-    lp.make_fast(model)  # as lift_plus's build_model (--fast, the default)
+    lp.make_fast(model)  # as lift_plus's fit (--fast, the default)
     S = model.image_size  # 224
     t_backbone = timed(
         lambda: lp.train(cfg, data, model, lp.Job(lp.dataclasses.replace(cfg, run_name="a"), data, model))

@@ -8,8 +8,9 @@ predictions toward the head classes (Proposition 3.1). LIFT+ keeps CLIP frozen a
                     + minimalist data augmentation (MDA)  [paper: minimalist data augmentation]
                     + test-time ensembling of five crops  [paper: test-time ensembling]
 
-Part I is the method in the order it runs; "# Appendix X" marks calls into A the baselines, B files and weights, C the
-offline world (data/shapes_lt/prepare.py), D speed, E input checks, F torchrun, predict. Part II runs a job.
+Part I is the method in the order it runs; calls marked "# Appendix X" lead to: A the baselines; B the benchmarks'
+files and CLIP's weights; C the offline world (data/shapes_lt/prepare.py); D speed; E input checks and your own
+folders; F torchrun and predict. Part II runs a job.  Quick start: python lift_plus.py --data shapes_lt
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class MDATransform:
         self.epoch = 0
 
     def box(self, height: int, width: int, index: int) -> tuple:  # image `index`'s crop (top, left, side) this epoch
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index & (2**63 - 1))
         return mda_crop_box(height, width, mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale), gen)
 
     def __call__(self, img: torch.Tensor, index: int) -> torch.Tensor:
@@ -226,9 +227,7 @@ class EvalTransform:
 
 def test_views(cfg: Config, S: int) -> EvalTransform:
     """With TTE five crops of the resize to S + expand (224 + 24 = 248), else the centre of S + S // 7 (256)."""
-    if cfg.tte:
-        return EvalTransform(S, S + cfg.expand, True)
-    return EvalTransform(S, S + S // 7, False)
+    return EvalTransform(S, S + cfg.expand, True) if cfg.tte else EvalTransform(S, S + S // 7, False)
 
 
 class Views(torch.utils.data.Dataset):
@@ -344,8 +343,8 @@ def text_features(clip, tokenizer, classnames, template: str, device) -> torch.T
 
 
 def semantic_init(text_feats: torch.Tensor, image_proj: torch.Tensor) -> torch.Tensor:
-    """[paper: semantic-aware initialization] w_j = normalize(t_j @ P^T): then <f, w_j> = <f P, t_j> / |P t_j|,
-    CLIP's image-text score up to a per-class constant, so training starts close to zero-shot CLIP."""
+    """[paper: semantic-aware initialization] w_j = normalize(t_j @ P^T): cos(f, w_j) is CLIP's image-text score times
+    |f P| / |f| (one factor per image) and 1 / |P t_j| (per class), so training starts close to zero-shot CLIP."""
     return F.normalize(text_feats @ image_proj.t().float(), dim=-1)  # [K, E] @ [E, D] -> [K, D]
 
 
@@ -364,7 +363,7 @@ def configure_tuning(model: LiftModel, cfg: Config, num_classes: int):
         enc.adaptformer.update({str(i): AdaptFormer(enc.width, r) for i in blocks})
         sizes = {"r": r}
     else:
-        sizes = BASELINES[cfg.tuning](enc, cfg, blocks, num_classes)  # Appendix A: the paper's baselines
+        sizes = BASELINES[cfg.tuning](model, cfg, blocks, num_classes)  # Appendix A: the paper's baselines
     model.head.weight.requires_grad_(cfg.tuning != "zeroshot")
     model.sizes = {"tuning": cfg.tuning, "blocks": blocks, **sizes}
 
@@ -372,7 +371,7 @@ def configure_tuning(model: LiftModel, cfg: Config, num_classes: int):
 def build_model(cfg: Config, data: LTData, device) -> LiftModel:
     """Frozen CLIP ViT (OpenAI's weights, their QuickGELU) -> LiftModel, its method attached, its classifier set."""
     torch.manual_seed(cfg.seed)
-    clip, mean, std, tokenizer = load_clip(cfg)  # Appendix B: a tag, a file or OpenAI's own; refused if no ViT
+    clip, mean, std, tokenizer = load_clip(cfg)  # Appendix B: a tag, a file or OpenAI's own (E: a ViT, or refused)
     model = LiftModel(clip.to(device).visual, mean, std, data.num_classes, cfg.logit_scale, cfg.tuning == "zeroshot")
     configure_tuning(model, cfg, data.num_classes)
     model.to(device)
@@ -397,13 +396,12 @@ def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0, reduction: 
     return F.cross_entropy(logits.float() + tau * log_prior, labels, reduction=reduction)
 
 
-# 6. Training [paper: the LIFT+ framework]: SGD with momentum and weight decay on the tuned parameters, cosine
-#    annealing stepped per epoch, mixed precision on GPUs. What lies beyond the recipe is the `run`'s, a Part II Job:
-#    the epoch's batches, the run folder, checkpoints and exact resume, progress lines, signals, torchrun.
+# 6. Training [paper: the LIFT+ framework]: SGD with momentum and weight decay, cosine annealing per epoch, mixed
+#    precision on GPUs. The rest is the `run`'s, a Part II Job: batches, checkpoints, resume, signals, torchrun.
 
 
 def train(cfg: Config, data: LTData, model: LiftModel, run: Job) -> list:
-    """The logit-adjusted loss on MDA crops; returns the mean training loss of each epoch."""
+    """[paper: the LIFT+ framework] The logit-adjusted loss on MDA crops; returns each epoch's mean training loss."""
     device, dtype = model.mean.device, autocast_dtype(cfg, model.mean.device)  # Appendix D: bf16 on GPUs, else fp32
     tuned = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(tuned, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -413,12 +411,12 @@ def train(cfg: Config, data: LTData, model: LiftModel, run: Job) -> list:
     log_prior = torch.log(counts / counts.sum()).to(device)  # log pi: [K]
     tau = cfg.tau if cfg.loss == "la" else 0.0  # CE is LA with tau = 0
     transform = MDATransform(model.image_size, cfg.epochs, cfg.mda, cfg.min_scale, cfg.seed)
-    forward, first_epoch, step = run.start(model, opt, sched, scaler)  # 0, 0 unless the run is resumed
+    forward, first_epoch, step = run.start(model, opt, sched, scaler)  # Part II: 0, 0 unless resumed; DDP, torchrun
     for epoch in range(first_epoch, cfg.epochs):
         transform.epoch = epoch
         model.train()
-        for views, y in run.batches(Views(data.train, transform), epoch, step):  # a seeded order; one step each
-            views, y = views.to(device, non_blocking=True)[:, 0], y.to(device)  # [b, 3, S, S] uint8 (or [b, D])
+        for views, y in run.batches(Views(data.train, transform), epoch, step):  # Part II: a seeded order, by step
+            views, y = views.to(device, non_blocking=True)[:, 0], y.to(device, non_blocking=True)  # MDA's one view
             total = torch.zeros((), device=device)
             for x, t in zip(views.chunk(cfg.accum_steps), y.chunk(cfg.accum_steps)):  # gradient accumulation
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -430,9 +428,9 @@ def train(cfg: Config, data: LTData, model: LiftModel, run: Job) -> list:
             scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
-            run.step_done(epoch, step, total, len(y), sched.get_last_lr()[0])
+            run.step_done(epoch, step, total, sched.get_last_lr()[0])  # Part II: progress, checkpoints, signals
         sched.step()
-        run.epoch_done(epoch)
+        run.epoch_done(epoch)  # Part II: the epoch's checkpoint
         step = 0
     return run.losses
 
@@ -447,7 +445,7 @@ def class_groups(train_counts) -> dict:
 
 
 def tte_logits(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """Mean of the logits of the V views of each image: [B, V, 3, S, S] -> [B, K] (V = 5 with TTE)."""
+    """[paper: test-time ensembling] The mean of the logits of each image's V views: [B, V, 3, S, S] -> [B, K]."""
     B, V = views.shape[:2]  # V passes of B views each (B / V images): a V times smaller working set
     logits = torch.cat([model(chunk) for chunk in views.flatten(0, 1).split(B)]).float()  # [B V, K]
     return logits.view(B, V, -1).mean(dim=1)
@@ -459,9 +457,10 @@ def over_dataset(fn, model: LiftModel, dataset, cfg: Config, run: Job | None = N
     model.eval()
     device = model.mean.device
     dtype, out, labels = autocast_dtype(cfg, device), [], []  # Appendix D
-    loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
-    if run is not None:
-        loader = run.in_order(dataset, cfg.eval_batch_size)
+    if run is None:
+        loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
+    else:
+        loader = run.in_order(dataset, cfg.eval_batch_size)  # Part II: under torchrun, this process's share
     for views, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(fn(views.to(device, non_blocking=True)).float().cpu())
@@ -585,8 +584,12 @@ class MaskedUpdate(nn.Module):
 
 
 class PromptedViT(LiftViT):
-    """VPT-deep: block i's learned prompts (enc.prompts[i], [P, D]) replace the previous block's, after the class
+    """VPT-deep: block i's learned prompts (prompts[i], [P, D]) replace the previous block's, after the class
     token; a block without prompts keeps the tokens it is given."""
+
+    def __init__(self, visual):
+        super().__init__(visual)
+        self.prompts = nn.ParameterDict()  # block index -> [P, D]
 
     def block(self, i: int, blk, x):
         if str(i) in self.prompts:
@@ -596,28 +599,30 @@ class PromptedViT(LiftViT):
         return super().block(i, blk, x)
 
 
-def tune_blocks(enc, cfg, blocks, K):
+def tune_blocks(model, cfg, blocks, K):
+    enc = model.encoder
     """Full and partial fine-tuning: every parameter of the chosen blocks."""
     for i in blocks:
         enc.visual.transformer.resblocks[i].requires_grad_(True)
     return {}
 
 
-def tune_bitfit(enc, cfg, blocks, K):
+def tune_bitfit(model, cfg, blocks, K):
+    enc = model.encoder
     for i in blocks:
         for name, p in enc.visual.transformer.resblocks[i].named_parameters():
             p.requires_grad_(name.endswith("bias"))
     return {}
 
 
-def tune_vpt(enc, cfg, blocks, K):
-    P = cfg.vpt_len or size_rule(K, len(blocks), 1)
-    enc.__class__ = PromptedViT  # the same modules, with prompts: a plain subclass swap, nothing is copied
-    enc.prompts = nn.ParameterDict({str(i): nn.Parameter(torch.randn(P, enc.width) * 0.02) for i in blocks})
+def tune_vpt(model, cfg, blocks, K):
+    P, model.encoder = cfg.vpt_len or size_rule(K, len(blocks), 1), PromptedViT(model.encoder.visual)
+    model.encoder.prompts.update({str(i): nn.Parameter(torch.randn(P, model.encoder.width) * 0.02) for i in blocks})
     return {"prompt_len": P}
 
 
-def tune_adapter(enc, cfg, blocks, K):
+def tune_adapter(model, cfg, blocks, K):
+    enc = model.encoder
     r = cfg.adapter_dim or size_rule(K, len(blocks), 2)
     for i in blocks:
         blk = enc.visual.transformer.resblocks[i]
@@ -625,7 +630,8 @@ def tune_adapter(enc, cfg, blocks, K):
     return {"r": r}
 
 
-def tune_lora(enc, cfg, blocks, K):
+def tune_lora(model, cfg, blocks, K):
+    enc = model.encoder
     from torch.nn.utils import parametrize
 
     r = cfg.lora_rank or size_rule(K, len(blocks), 4)
@@ -635,7 +641,8 @@ def tune_lora(enc, cfg, blocks, K):
     return {"rank": r}
 
 
-def tune_mask(enc, cfg, blocks, K):
+def tune_mask(model, cfg, blocks, K):
+    enc = model.encoder
     from torch.nn.utils import parametrize
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -658,7 +665,7 @@ def tune_mask(enc, cfg, blocks, K):
     return {}
 
 
-def tune_nothing(enc, cfg, blocks, K):
+def tune_nothing(model, cfg, blocks, K):
     """Classifier-only and zero-shot: CLIP stays frozen."""
     return {}
 
@@ -1233,12 +1240,17 @@ class FastPromptedViT(PromptedViT, FastViT):
 
 def make_fast(model: LiftModel):
     """Swap OpenAI's QuickGELU modules for LeanQuickGELU and compute only the class token in the last block."""
+    from open_clip.transformer import QuickGELU
+
     for module in list(model.encoder.visual.modules()):
         for name, child in module.named_children():
-            if type(child).__name__ == "QuickGELU":
+            if isinstance(child, QuickGELU):
                 setattr(module, name, LeanQuickGELU())
-    fast = {LiftViT: FastViT, PromptedViT: FastPromptedViT}[type(model.encoder)]
-    model.encoder.__class__ = fast  # the same modules and parameters, another forward
+    taught = model.encoder
+    fast = {LiftViT: FastViT, PromptedViT: FastPromptedViT}[type(taught)](taught.visual)
+    for name, child in taught.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
+        setattr(fast, name, child)
+    model.encoder = fast
 
 
 def autocast_dtype(cfg: Config, device: torch.device):
@@ -1738,7 +1750,11 @@ def start_processes(cfg: Config):
         return None
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
+        # process reads the address of a process that died
+        store, r, world = next(torch.distributed.rendezvous("env://"))
+        attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
     if not cuda:
@@ -1751,8 +1767,8 @@ def start_processes(cfg: Config):
 class ShardedBatches(torch.utils.data.Sampler):
     """Batches of the indices `order` (a permutation in training, else in order) from batch `start` on. Under
     torchrun, process r takes items r, r + W, ... of every batch, so each step sees the images, and the crops,
-    of the single-process run. Items are (index, padding?): in training a process whose share is empty gets
-    the batch's first image as padding (Padded gives it the label -100), so that every process runs every step."""
+    of the single-process run. Items are (index, padding?): in training a shorter share is padded with the batch's
+    first image (Padded gives it the label -100), so that every process runs the same forward and backward passes."""
 
     def __init__(self, order: list, batch_size: int, start: int = 0, training: bool = True):
         self.order, self.batch_size, self.start, self.training = order, batch_size, start, training
@@ -1764,10 +1780,10 @@ class ShardedBatches(torch.utils.data.Sampler):
         for i in range(self.start * self.batch_size, len(self.order), self.batch_size):
             batch = self.order[i : i + self.batch_size]
             share = [(i, False) for i in batch[rank() :: processes()]]
+            if self.training:  # every share of a step equally long, so every process runs the same micro-batches
+                share += [(batch[0], True)] * (math.ceil(len(batch) / processes()) - len(share))
             if share:
                 yield share
-            elif self.training:
-                yield [(batch[0], True)]
 
 
 class Padded(torch.utils.data.Dataset):
@@ -1788,9 +1804,15 @@ class Padded(torch.utils.data.Dataset):
 
 
 def weighted_sum(job, bucket):
-    """DDP's gradient reduction: each process's loss is the mean over its share, so the exact gradient of the mean
-    over the step's images is the sum over processes of share / step images times each gradient."""
-    buf = bucket.buffer().mul_(job.share)
+    """DDP's gradient reduction, once per optimiser step: the micro-batches before the last one accumulate their
+    gradients locally (the bucket comes back as it is). Each process's loss is the mean over its share, so the exact
+    gradient of the mean over the step's images is the sum over processes of (share / step images) x gradient."""
+    buf = bucket.buffer()
+    if job.micro_left > 0:
+        kept = torch.futures.Future()
+        kept.set_result(buf)
+        return kept
+    buf.mul_(job.share)
     return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
@@ -1800,8 +1822,9 @@ def distributed(module: nn.Module, job) -> nn.Module:
         return module
     device = next(module.parameters()).device
     ids = [device] if device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)  # mean, std: constants
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # constants
     ddp.register_comm_hook(job, weighted_sum)
+    ddp.register_forward_pre_hook(job.micro_batch_started)
     return ddp
 
 
@@ -1817,14 +1840,14 @@ def sum_over_processes(*values: float) -> list:
 
 def gather_in_order(out: list, labels: list, sampler: ShardedBatches) -> tuple:
     """Each process's outputs and labels put back in dataset order (evaluation): exactly one row per image."""
-    out, labels = torch.cat(out), torch.cat(labels)
     if processes() == 1:
-        return out, labels
+        return torch.cat(out), torch.cat(labels)
     shares = [None] * processes()
-    torch.distributed.all_gather_object(shares, (out, labels))
+    torch.distributed.all_gather_object(shares, (out, labels))  # a process with no images sends two empty lists
     n, B, W = len(sampler.order), sampler.batch_size, processes()
-    outputs, targets = torch.empty(n, *out.shape[1:]), torch.empty(n, dtype=torch.long)
-    for r, (o, y) in enumerate(shares):
+    shares = [(torch.cat(o), torch.cat(y)) for o, y in shares if o]
+    outputs, targets = torch.empty(n, *shares[0][0].shape[1:]), torch.empty(n, dtype=torch.long)
+    for r, (o, y) in enumerate(shares):  # process r holds items r, r + W, ... of every batch
         idx = [i for s in range(0, n, B) for i in range(s, min(s + B, n))[r::W]]
         outputs[idx], targets[idx] = o, y
     return outputs, targets
@@ -2097,21 +2120,23 @@ class Job:
 
     def __init__(self, cfg: Config, data: LTData = None, model: LiftModel = None, features=None):
         self.cfg, self.data, self.model, self.features, self.folder = cfg, data, model, features, run_folder(cfg)
-        self.losses, self.total, self.seen, self.stop, self.share, self.real, self.lr = [], 0.0, 0, None, 1.0, 0, 0.0
-        self.saved_at, self.device = time.time(), torch.device("cpu")
+        self.losses, self.total, self.seen, self.lr = [], 0.0, 0, 0.0  # the epoch's loss so far, the step's lr
+        self.stop, self.saved_at = None, time.time()  # the signal that stops the run; the last checkpoint's time
+        self.share, self.real, self.micro_left = 1.0, 0, 0  # this process's part of the step, its micro-batches to go
+        self.device = torch.device("cpu")
         if model is not None:
             self.device = model.mean.device
 
     def start(self, model, opt, sched, scaler) -> tuple:
         """(the module to train, first epoch, first step of it): where the run folder's checkpoint stopped."""
         self.device, self.optim = model.mean.device, (opt, sched, scaler)
-        steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
-        self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl")  # Appendix F
         epoch, step = resume(self)
         if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock starts
             shares = ShardedBatches(list(range(len(self.data.train))), self.cfg.batch_size)
             sizes = {len(c) for b in shares for c in torch.arange(len(b)).chunk(self.cfg.accum_steps)}
             compile_warmup(model, sizes, autocast_dtype(self.cfg, self.device))
+        steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
+        self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl")  # Appendix F
         forward = model
         if self.features is not None:  # Appendix D: the classifier trains on cached features
             forward = model.head
@@ -2127,24 +2152,37 @@ class Job:
         dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D: JPEGs decoded on the GPU
         sampler, pin = ShardedBatches(order, B, start), self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
-            Padded(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin, collate_fn=collate
+            Padded(dataset),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            collate_fn=collate,
+            worker_init_fn=ignore_signals,
         )
         for j, (views, y) in enumerate(self.progress.timed(loader), start):
             self.real, self.share = int((y >= 0).sum()), len(y) / min(B, len(order) - j * B)  # for weighted_sum
+            self.micro_left = len(torch.arange(len(y)).chunk(self.cfg.accum_steps))  # Part I's micro-batches
             yield views, y
+
+    def micro_batch_started(self, module, args):  # DDP's forward pre-hook: weighted_sum reduces after the last
+        self.micro_left -= 1
 
     def in_order(self, dataset, batch_size: int):
         self.sampler = ShardedBatches(list(range(len(dataset))), batch_size, training=False)
         dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D
-        loader = torch.utils.data.DataLoader(
-            Padded(dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=self.cfg.workers
+        workers = self.cfg.workers
+        return torch.utils.data.DataLoader(
+            Padded(dataset),
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            worker_init_fn=ignore_signals,
         )
-        return loader
 
     def gather(self, outputs: list, labels: list) -> tuple:
         return gather_in_order(outputs, labels, self.sampler)  # Appendix F: every process's share, in order
 
-    def step_done(self, epoch: int, step: int, loss_sum: torch.Tensor, images: int, lr: float):
+    def step_done(self, epoch: int, step: int, loss_sum: torch.Tensor, lr: float):
         """After each optimiser step: the loss (summed on the device: no sync), progress, checkpoints, signals."""
         self.total, self.seen, self.lr = self.total + loss_sum, self.seen + self.real, lr
         self.progress.step(epoch, step, self.mean_loss, lr)
@@ -2180,11 +2218,18 @@ class Job:
             torch.distributed.barrier()
 
 
-class Stopped(Exception):
+class Stopped(BaseException):  # not an Exception: no error handler may take it for bad input
     """A signal stopped the run: its number."""
 
 
 STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 75}  # 75: EX_TEMPFAIL, "requeue me"
+
+
+def ignore_signals(worker_id: int):
+    """A DataLoader worker leaves Ctrl-C and SIGUSR1 to the main process, which stops the run cleanly. (SIGTERM is
+    torch's: it ends a worker, as the DataLoader's shutdown needs.)"""
+    for s in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def raise_stopped(signum, frame):
@@ -2341,7 +2386,8 @@ def resume(job: Job) -> tuple:
     check_resume(cfg, state, path)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if scaler.is_enabled() and state["scaler"]:  # fp16 only: bf16 and fp32 runs have no scale to restore
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     job.losses = list(state["train_loss"])
     epoch, step = state["epoch"], state.get("step", 0)
@@ -2437,6 +2483,8 @@ def main(argv=None):
             return predict_main(argv[1:])  # Appendix F: new images' classes
         cfg = parse_config(argv)
         run_job(cfg)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # before the interpreter exits, or its threads may abort it
     except LiftError as e:  # also raised in a DataLoader worker, which puts its traceback into the message
         say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
         sys.exit(2)

@@ -1630,14 +1630,14 @@ def torchrun(*args, script=HERE / "lift_plus.py", restarts: int = 0):
 
 def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monkeypatch):
     """torchrun with 2 processes (gloo, CPU) equals one process: the same tuned weights after each epoch and
-    the same accuracy. Batch 14 in micro-batches of 7 leaves a last micro-batch of 1 image (one process gets
-    a padding item), and evaluation batches of 3 split unevenly; an interrupted run resumes under torchrun."""
-    flags = tiny_args(configs, folder, tmp_path, "--epochs 2 --batch-size 14 --accum-steps 2 --eval-batch-size 3")
+    the same accuracy. 50 images in steps of 15 split 8 / 7, and the last step's 5 images 3 / 2: each shorter share
+    gets a padding item, so that both processes run 3 micro-batches; evaluation batches of 3 split unevenly; an
+    interrupted run resumes under torchrun."""
+    flags = tiny_args(configs, folder, tmp_path, "--epochs 2 --batch-size 15 --accum-steps 3 --eval-batch-size 3")
     r = torchrun(*flags, "--run-name", "two")
     assert r.returncode == 0, r.stderr[-3000:]
-    _, one = train_run(
-        configs, folder, tmp_path, run_name="one", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3
-    )
+    same = dict(epochs=2, batch_size=15, accum_steps=3, eval_batch_size=3)
+    _, one = train_run(configs, folder, tmp_path, run_name="one", **same)
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("two", "one"))
     for k in b["tuned"]:
         torch.testing.assert_close(a["tuned"][k], b["tuned"][k], rtol=1e-5, atol=1e-6)
@@ -1646,11 +1646,9 @@ def test_two_processes_train_and_evaluate_as_one(configs, folder, tmp_path, monk
     assert two["per_class_accuracy"] == one["per_class"] and two["metrics"]["overall"] == one["overall"]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     # interrupted in epoch 2 in one process, resumed by two: the weights of the uninterrupted run
-    interrupt_loss_call(monkeypatch, 11)  # 8 micro-batches per epoch: in epoch 2
+    interrupt_loss_call(monkeypatch, 14)  # 4 steps of 3 micro-batches per epoch: in epoch 2
     with pytest.raises(KeyboardInterrupt):
-        train_run(
-            configs, folder, tmp_path, run_name="resumed", epochs=2, batch_size=14, accum_steps=2, eval_batch_size=3
-        )
+        train_run(configs, folder, tmp_path, run_name="resumed", **same)
     lp.release_lock(tmp_path / "resumed")  # as the interrupted process does when it exits
     r = torchrun(*flags, "--run-name", "resumed", "--resume")
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
@@ -1671,9 +1669,9 @@ def test_sharded_batches_cover_each_batch_once(monkeypatch):
             monkeypatch.setattr(lp, "rank", lambda r=r: r)
             monkeypatch.setattr(lp, "processes", lambda W=W: W)
             shares.append(list(lp.ShardedBatches(order, B)))
-            assert all(len(b) > 0 for b in shares[-1])
         for step, batch in enumerate(single):  # the same images in every step, each once; padding is marked
             assert sorted(i for s in shares for i, pad in s[step] if not pad) == sorted(batch)
+            assert len({len(s[step]) for s in shares}) == 1  # equal shares: the same micro-batches everywhere
 
 
 def test_job_batches_are_one_seeded_permutation(configs, folder, tmp_path):
