@@ -1123,6 +1123,18 @@ def test_tutorial_notebook_runs_offline(world, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
+def assert_same_forward_and_gradients(model, other, x, atol=1e-6):
+    """`other` computes `model`'s logits on x, and the same gradients of a loss on them."""
+    a, b = model(x), other(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in other.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=atol)
+
+
 def test_lean_quick_gelu_matches_autograd():
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lp.LeanQuickGELU(), (x,))
@@ -1148,15 +1160,7 @@ def test_fast_path_equals_the_taught_forward_and_gradients(configs, folder, tuni
     assert not any(isinstance(m, lp.LeanQuickGELU) for m in plain.modules())
     randomize_(fast.encoder)
     plain.load_state_dict(fast.state_dict())
-    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    a, b = fast(x), plain(x)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    a.square().sum().backward()
-    b.square().sum().backward()
-    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
-    for n, p in fast.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    assert_same_forward_and_gradients(plain, fast, torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
 
 
 def test_cached_features_train_the_classifier_as_the_backbone_would(configs, folder, tmp_path, monkeypatch):
@@ -1287,14 +1291,7 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
     compiled.compile(dynamic=False)
     lp.compile_warmup(compiled, {3}, None)
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    a, b = model(x), compiled(x)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    a.square().sum().backward()
-    b.square().sum().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in compiled.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+    assert_same_forward_and_gradients(model, compiled, x, atol=1e-5)
     model.eval()
     compiled.eval()
     with torch.no_grad():
