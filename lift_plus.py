@@ -1269,12 +1269,17 @@ def decode_jpeg_fast(raw: bytes):
     decode = torchcodec_jpeg()
     if raw[:2] != b"\xff\xd8" or decode is None:
         return None
-    if b"Exif" in raw[: 1 << 16] and Image.open(io.BytesIO(raw)).getexif().get(0x0112, 1) != 1:  # orientation
+    if b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw))):
         return None
     try:
         return decode(raw, mode="RGB")
     except (RuntimeError, ValueError):
         return None
+
+
+def exif_rotated(im: Image.Image) -> bool:
+    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
+    return im.getexif().get(0x0112, 1) != 1
 
 
 @functools.cache
@@ -1328,7 +1333,7 @@ class JpegViews(Views):
         try:
             raw = Path(self.base.images[j]).read_bytes()
             im = Image.open(io.BytesIO(raw))  # reads the header only
-            if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.getexif().get(0x0112, 1) != 1:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L") or exif_rotated(im):
                 return super().__getitem__(i)
         except (OSError, ValueError, Image.DecompressionBombError):
             return super().__getitem__(i)  # read_image names the file
@@ -2133,7 +2138,7 @@ class Job:
         epoch, step = resume(self)
         if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock starts
             shares = ShardedBatches(list(range(len(self.data.train))), self.cfg.batch_size)
-            sizes = {len(c) for b in shares for c in torch.arange(len(b)).chunk(self.cfg.accum_steps)}
+            sizes = {n for b in shares for n in self.micro_batches(len(b))}
             compile_warmup(model, sizes, autocast_dtype(self.cfg, self.device))
         steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
         self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl")  # Appendix F
@@ -2161,8 +2166,12 @@ class Job:
         )
         for j, (views, y) in enumerate(self.progress.timed(loader), start):
             self.real, self.share = int((y >= 0).sum()), len(y) / min(B, len(order) - j * B)  # for weighted_sum
-            self.micro_left = len(torch.arange(len(y)).chunk(self.cfg.accum_steps))  # Part I's micro-batches
+            self.micro_left = len(self.micro_batches(len(y)))
             yield views, y
+
+    def micro_batches(self, images: int) -> list:
+        """The sizes of Part I's micro-batches of a step of `images` images (its chunks for --accum-steps)."""
+        return [len(c) for c in torch.arange(images).chunk(self.cfg.accum_steps)]
 
     def micro_batch_started(self, module, args):  # DDP's forward pre-hook: weighted_sum reduces after the last
         self.micro_left -= 1
@@ -2183,7 +2192,8 @@ class Job:
         return gather_in_order(outputs, labels, self.sampler)  # Appendix F: every process's share, in order
 
     def step_done(self, epoch: int, step: int, loss_sum: torch.Tensor, lr: float):
-        """After each optimiser step: the loss (summed on the device: no sync), progress, checkpoints, signals."""
+        """After each optimiser step: the loss (summed on the device), progress, checkpoints, signals. One process
+        never waits for the device here; under torchrun the processes agree on stopping with one all-reduce."""
         self.total, self.seen, self.lr = self.total + loss_sum, self.seen + self.real, lr
         self.progress.step(epoch, step, self.mean_loss, lr)
         due = self.cfg.save_every > 0 and time.time() - self.saved_at > 60 * self.cfg.save_every
@@ -2374,10 +2384,8 @@ def resume(job: Job) -> tuple:
     cfg, path, (opt, sched, scaler) = job.cfg, job.folder / "checkpoint.pt", job.optim
     job.folder.mkdir(parents=True, exist_ok=True)
     tuned = [p for p in job.model.parameters() if p.requires_grad]
-    need, free = (
-        2 * sum(2 * p.numel() * p.element_size() for p in tuned) + (1 << 20),
-        shutil.disk_usage(job.folder).free,
-    )
+    need = 2 * sum(2 * p.numel() * p.element_size() for p in tuned) + (1 << 20)  # parameters and momentum, twice
+    free = shutil.disk_usage(job.folder).free
     if free < need:
         raise LiftError(f"--out: {job.folder} has {free >> 20} MiB free; a checkpoint needs {need >> 20} MiB")
     if cfg.resume == "no" or not path.exists():
@@ -2393,10 +2401,7 @@ def resume(job: Job) -> tuple:
     epoch, step = state["epoch"], state.get("step", 0)
     if rank() == 0:  # the epoch's loss so far is counted once, by one process
         job.total, job.seen = state.get("epoch_loss", (0.0, 0))
-    where = f"epoch {epoch}/{cfg.epochs}"
-    if step:
-        where += f" + {step} steps"
-    print(f"resuming {path} after {where}")
+    print(f"resuming {path} after {checkpoint_place(state, cfg)}")
     return epoch, step
 
 
@@ -2505,11 +2510,15 @@ def stopped_message(cfg) -> str:
         ckpt = run_folder(cfg) / "checkpoint.pt"
     if ckpt is None or not ckpt.is_file():
         return "interrupted before any epoch finished: nothing to resume"
-    state = torch.load(ckpt, weights_only=True)
-    where = f"epoch {state['epoch']}/{cfg.epochs}"
+    state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
+    return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
+
+
+def checkpoint_place(state: dict, cfg: Config) -> str:
+    """Where a checkpoint stands: 'epoch 5/15', or 'epoch 5/15 + 10 steps' within the next epoch."""
     if state.get("step"):
-        where += f" + {state['step']} steps"
-    return f"interrupted; {where} is in {ckpt}: continue with --resume"
+        return f"epoch {state['epoch']}/{cfg.epochs} + {state['step']} steps"
+    return f"epoch {state['epoch']}/{cfg.epochs}"
 
 
 if __name__ == "__main__":
