@@ -8,9 +8,8 @@ predictions toward the head classes (Proposition 3.1). LIFT+ keeps CLIP frozen a
                     + minimalist data augmentation (MDA)  [paper: minimalist data augmentation]
                     + test-time ensembling of five crops  [paper: test-time ensembling]
 
-Part I is the method in the order it runs; calls marked "# Appendix X" lead to: A the baselines; B the benchmarks'
-files and CLIP's weights; C the offline world (data/shapes_lt/prepare.py); D speed; E input checks and your own
-folders; F torchrun and predict. Part II runs a job.  Quick start: python lift_plus.py --data shapes_lt
+Part I is the method in running order; "# Appendix X" calls lead to A baselines, B benchmark files and CLIP weights,
+C the offline worlds, D speed, E input checks and own folders, F torchrun and predict. Part II runs a job.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class Config:
     vpt_len: int | None = arg(None, "vpt: deep prompt length per block (default 2**floor(log2(K / L)), >= 1)", low=1)
     mask_ratio: float | None = arg(None, "mask: share of each block weight tuned (0.005)", low=0, high=1, open_low=1)
     # the run
-    data: str = arg("imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt, or train/ + test/")
+    data: str = arg("imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt[_wide] or a folder")
     root: str = arg("./data", "dataset root: split-list paths are relative to it; CIFAR-100 is downloaded here")
     splits: str | None = arg(None, "folder holding the split lists (default: --root, then the cache, then download)")
     inat_level: str = arg("species", "inat2018: label taxonomy", "kingdom phylum class order family genus species")
@@ -99,6 +98,7 @@ class Config:
     run_name: str | None = arg(None, "run folder name (default <data>_<tuning>_seed<seed>)")
     resume: str = arg("no", "continue from the run folder's checkpoint: yes (--resume), or auto: if any", "no yes auto")
     save_every: float = arg(10.0, "minutes between checkpoints within an epoch (0: at epoch ends only)", low=0)
+    eval_split: str = arg("test", "the split evaluated: test, or val (the world's, for choosing settings)", "test val")
     eval_only: bool = arg(False, "no training: evaluate --checkpoint (or the untrained model of --tuning zeroshot)")
     checkpoint: str | None = arg(None, "checkpoint file to evaluate with --eval-only")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
@@ -131,6 +131,7 @@ class LTData:
     classnames: list
     train_counts: np.ndarray  # [K] training images per class
     notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's ImageSet, folders)
+    val: torch.utils.data.Dataset | None = None  # a validation split, from the test distribution (the world's)
 
     @property
     def num_classes(self) -> int:
@@ -138,6 +139,7 @@ class LTData:
 
 
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
+WORLDS = ("shapes_lt", "shapes_lt_wide")  # the offline world, and its variant with wide classes
 
 
 def build_data(cfg: Config) -> LTData:
@@ -146,7 +148,7 @@ def build_data(cfg: Config) -> LTData:
         return build_benchmark(cfg)  # Appendix B: the split lists and class names, local or downloaded
     if cfg.data in CIFAR100_LT:
         return build_cifar100_lt(cfg)  # Appendix B: CIFAR-100, made long-tailed
-    if cfg.data == "shapes_lt":
+    if cfg.data in WORLDS:
         return build_world_task(cfg)  # Appendix C: the offline world
     return build_folder(cfg)  # Appendix E: your own image folders
 
@@ -457,9 +459,8 @@ def over_dataset(fn, model: LiftModel, dataset, cfg: Config, run: Job | None = N
     model.eval()
     device = model.mean.device
     dtype, out, labels = autocast_dtype(cfg, device), [], []  # Appendix D
-    if run is None:
-        loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
-    else:
+    loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
+    if run is not None:
         loader = run.in_order(dataset, cfg.eval_batch_size)  # Part II: under torchrun, this process's share
     for views, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -474,8 +475,7 @@ def accuracy_report(preds, labels, train_counts) -> dict:
     """Top-1 accuracy overall and the mean per-class accuracy of each group (%); a class without test images counts
     in no group, and a group without them is None."""
     preds, labels, K = np.asarray(preds), np.asarray(labels), len(train_counts)
-    correct = np.bincount(labels, weights=(preds == labels), minlength=K)
-    total = np.bincount(labels, minlength=K)
+    correct, total = np.bincount(labels, weights=(preds == labels), minlength=K), np.bincount(labels, minlength=K)
     per_class = [100.0 * c / t if t else None for c, t in zip(correct, total)]
     report = {"overall": 100.0 * float((preds == labels).mean()), "per_class": per_class}
     for group, idx in class_groups(train_counts).items():
@@ -485,14 +485,14 @@ def accuracy_report(preds, labels, train_counts) -> dict:
 
 
 def evaluate(cfg: Config, data: LTData, model: LiftModel, run: Job | None = None) -> dict:
-    """Test-set accuracy with TTE (or the centre crop), printed."""
-    views = Views(data.test, test_views(cfg, model.image_size))
+    """Test-set (or --eval-split val) accuracy with TTE (or the centre crop), printed."""
+    views = Views(getattr(data, cfg.eval_split), test_views(cfg, model.image_size))
     logits, labels = over_dataset(lambda v: tte_logits(model, v), model, views, cfg, run)
     preds, labels = logits.argmax(dim=1).numpy(), labels.numpy()  # [N]
     report = {**accuracy_report(preds, labels, data.train_counts), "predictions": preds, "labels": labels}
     what = f"TTE: five crops of the resize to {views.transform.resize}" if cfg.tte else "centre crop"
     cells = ["    n/a" if report[k] is None else f"{report[k]:7.2f}" for k in ("overall", "many", "medium", "few")]
-    print(f"test ({what})\n          Overall    Many  Medium     Few\naccuracy  " + " ".join(cells))
+    print(f"{cfg.eval_split} ({what})\n          Overall    Many  Medium     Few\naccuracy  " + " ".join(cells))
     return report
 
 
@@ -1160,7 +1160,7 @@ def world():
 def world_clip_files(cfg: Config) -> dict:
     """--model / --pretrained of the world's CLIP (cache/world/<key>/) for the default model flags. The config
     file is written here (its stem is open_clip's model name); the weights by build_world_task."""
-    key = world().world_key(world().WORLD)
+    key = world().world_key(world().WORLDS[cfg.data])
     if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(f"world-{key}.json"):
         return {"model": cfg.model, "pretrained": cfg.pretrained}
     folder = Path(cfg.cache).expanduser() / "world" / key
@@ -1174,24 +1174,25 @@ def build_world_task(cfg: Config) -> LTData:
     """The world's task, rendered once into the cache (seconds). A cold cache first unpacks the shipped CLIP, or
     pretrains one if none was shipped for this world (another WorldSpec, WORLD_VERSION or open_clip version)."""
     w = world()
-    folder, key = Path(cfg.cache).expanduser() / "world", w.world_key(w.WORLD)
+    spec, shipped = w.WORLDS[cfg.data], w.SHIPPED_CLIPS[cfg.data]
+    folder, key = Path(cfg.cache).expanduser() / "world", w.world_key(spec)
     if cfg.pretrained == str(folder / key / "clip.pt") and not Path(cfg.pretrained).is_file():
         name, packed = open_clip_name(cfg.model), {}
-        if SHIPPED_CLIP.is_file():
-            packed = torch.load(SHIPPED_CLIP, weights_only=True)
+        if shipped.is_file():
+            packed = torch.load(shipped, weights_only=True)
         if packed.get("key") != key:  # none shipped for this world: pretrain it (minutes)
             t0 = time.time()
-            packed = w.pack_world_clip(w.pretrain_world_clip(w.WORLD, name, w.WORLD.seed), key)
+            packed = w.pack_world_clip(w.pretrain_world_clip(spec, name, spec.seed), key)
             print(f"pretrained the world's CLIP in {time.time() - t0:.0f} s: {cfg.pretrained}")
-        atomic_torch_save(Path(cfg.pretrained), w.unpack_world_clip(packed, name, w.WORLD.seed))
-    task = folder / f"task-{w.task_key(w.WORLD)}.npz"
+        atomic_torch_save(Path(cfg.pretrained), w.unpack_world_clip(packed, name, spec.seed))
+    task = folder / f"task-{w.task_key(spec)}.npz"
     if not task.is_file():
         buf = io.BytesIO()
-        np.savez(buf, **w.render_task(w.WORLD))
+        np.savez(buf, **w.render_task(spec))
         atomic_write(task, buf.getvalue())
     t = np.load(task)
-    train, test = ImageSet(t["train"], t["y_train"]), ImageSet(t["test"], t["y_test"])
-    return LTData(train, test, [str(c) for c in t["classnames"]], t["counts"])
+    train, test, val = (ImageSet(t[split], t[f"y_{split}"]) for split in ("train", "test", "val"))
+    return LTData(train, test, [str(c) for c in t["classnames"]], t["counts"], val=val)
 
 
 # ==========================================================================================
@@ -1462,11 +1463,8 @@ def check_flags(cfg: Config):
         (c.expand is not None and not c.tte, "--expand", "--no-tte resizes to S + S // 7 and takes the centre crop"),
         (c.splits is not None and c.data not in BENCHMARKS, "--splits", f"--data {c.data} has no split lists"),
         (c.inat_level != d.inat_level and c.data != "inat2018", "--inat-level", "applies to --data inat2018 only"),
-        (
-            c.root != d.root and (c.data == "shapes_lt" or os.sep in c.data),
-            "--root",
-            f"--data {c.data} needs no image root",
-        ),
+        (c.eval_split == "val" and c.data not in WORLDS, "--eval-split val", f"--data {c.data} has no val split"),
+        (c.root != d.root and (c.data in WORLDS or os.sep in c.data), "--root", f"--data {c.data} needs no image root"),
         (c.amp in ("bf16", "fp16") and c.device == "cpu", f"--amp {c.amp}", "mixed precision runs on GPUs only"),
         (
             c.checkpoint is not None and not c.eval_only,
@@ -1591,7 +1589,7 @@ def build_folder(cfg: Config) -> LTData:
     if not root.is_dir():
         if os.sep in cfg.data:
             raise LiftError(f"--data {cfg.data}: no such folder")
-        known = ", ".join([*BENCHMARKS, *CIFAR100_LT, "shapes_lt"])
+        known = ", ".join([*BENCHMARKS, *CIFAR100_LT, *WORLDS])
         raise LiftError(
             f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/"
         )
@@ -2020,15 +2018,15 @@ def finalize_config(cfg: Config) -> Config:
     """Check every flag, then derive every default that depends on others. The one writer of a Config:
     nothing changes it afterwards, and results.json records it as it is here."""
     check_flags(cfg)  # Appendix E: every value and combination
-    if cfg.data == "shapes_lt":
+    if cfg.data in WORLDS:
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))  # Appendix C: the world brings its own CLIP
     t, full_lr = cfg.tuning, 0.002 if cfg.data == "places_lt" else 0.001
     derived = dict(
-        epochs=15 if cfg.data in ("inat2018", "shapes_lt") else 5,
+        epochs=15 if cfg.data in ("inat2018", *WORLDS) else 5,
         lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
         partial_blocks=1 if t == "partial" else None,
         mask_ratio=0.005 if t == "mask" else None,
-        workers=0 if cfg.data == "shapes_lt" else min(8, os.cpu_count() or 1),  # the world: 32 px, in memory
+        workers=0 if cfg.data in WORLDS else min(8, os.cpu_count() or 1),  # the world: 32 px, in memory
     )
     if cfg.expand is None:
         derived["expand"] = round(24 * clip_image_size(cfg) / 224)  # 248 at 224; Appendix B

@@ -1,6 +1,7 @@
 """The offline world of lift_plus.py (--data shapes_lt): a tiny CLIP and a long-tailed task for a laptop CPU.
 
     python data/shapes_lt/prepare.py    # pretrains the world's CLIP (2 minutes) and writes assets/world_clip.pt
+    python data/shapes_lt/prepare.py shapes_lt_wide    # the wide world's: assets/world_clip_wide.pt
 
 lift_plus.py loads this file (Appendix C): it renders the task into its cache in seconds and unpacks the shipped
 CLIP, so the quick start needs no step of its own. Without internet or a GPU there is no CLIP to fine-tune, so this
@@ -13,9 +14,11 @@ world replays the paper's setting in minutes. Each choice stands for one propert
   * the task is NOT aligned with pretraining, and the prompt only partly bridges it: another camera (warm
     cast, low contrast, a soft lens, more clutter) and class names with four colour words that no caption
     contains ("crimson", "amber", "azure", "violet");
-  * long tail: 30 classes, 300 down to 3 training images (imbalance 100), 40 test images each. The tail is
-    fine-grained: few-shot classes have rare shapes and borrow head classes' colour and texture
+  * long tail: 30 classes, 300 down to 3 training images (imbalance 100), 40 test and 40 validation images each.
+    The tail is fine-grained: few-shot classes have rare shapes and borrow head classes' colour and texture
     (world_task_classes), so only shape, which pretraining taught, tells them apart;
+  * --data shapes_lt_wide (WIDE_WORLD): wide classes, as ImageNet's are. Each image is one of 8 sub-types of its
+    concept, so a tail class's 3 training images show little of what its test images show;
   * 16 SGD steps an epoch (ImageNet-LT has ~900), so every method trains 15 epochs here (lift_plus's
     finalize_config).
 """
@@ -67,6 +70,7 @@ class WorldStyle:
     camera: tuple = (1.0, 1.0, 1.0)  # fixed RGB gain of the whole domain (the task's "camera")
     contrast: float = 1.0  # fixed contrast around mid-grey
     blur: float = 0.0  # std of a Gaussian lens blur, in output pixels
+    variants: bool = False  # each image one of 8 sub-types of its concept (render_images): --data shapes_lt_wide
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class WorldSpec:
     max_count: int = 300  # head class training images
     imbalance: float = 100.0  # max_count / min_count (300 -> 3), exponential profile as in CIFAR-100-LT
     test_per_class: int = 40  # balanced test set
+    val_per_class: int = 40  # balanced validation set, drawn as the test set with its own seed: choices are made on it
     rare_shapes: int = 4  # shapes seen only in few-shot classes
     # pretraining sees the web: large, roughly centred objects under broad nuisances (clutter, noise, casts);
     # the task is one camera inside that range but shifted: warm cast, low contrast, a soft lens, more clutter
@@ -106,6 +111,20 @@ class WorldSpec:
 
 
 WORLD = WorldSpec()
+# The wide world changes one thing, for one reason. In ImageNet-LT a class is wide (breeds, views, settings), so a
+# tail class's 5 training images show little of what its test images show, yet CLIP's pretraining has seen it all.
+# In WORLD a class varies only in pose, size and background, so 3 images already cover it. Here each image is one
+# of 8 sub-types of its concept (shade x texture scale x one or two objects), in pretraining and in the task alike.
+# Pretraining sees 4 times the images, so that its CLIP is about as good on its own (web) images as WORLD's is on
+# its own (tutorial.ipynb, section 1, measures both).
+WIDE_WORLD = dataclasses.replace(
+    WORLD,
+    pretrain_style=dataclasses.replace(WORLD.pretrain_style, variants=True),
+    task_style=dataclasses.replace(WORLD.task_style, variants=True),
+    pretrain_images=4 * WORLD.pretrain_images,
+)
+WORLDS = {"shapes_lt": WORLD, "shapes_lt_wide": WIDE_WORLD}  # --data names
+SHIPPED_CLIPS = {"shapes_lt": SHIPPED_CLIP, "shapes_lt_wide": SHIPPED_CLIP.with_name("world_clip_wide.pt")}
 WORLD_CLIP = {
     "embed_dim": 128,
     "quick_gelu": False,  # the world's tiny CLIP, an open_clip model config
@@ -181,11 +200,22 @@ def render_images(concepts, style: WorldStyle, seed: int, size: int = 32, supers
         R = rng.uniform(*style.radius)
         th = np.deg2rad(rng.uniform(-style.rotation, style.rotation))
         cx, cy = rng.uniform(-style.offset, style.offset, 2)
-        u = (np.cos(th) * (x - cx) + np.sin(th) * (y - cy)) / R  # [S, S]
-        v = (-np.sin(th) * (x - cx) + np.cos(th) * (y - cy)) / R
         rgb = np.clip(np.asarray(COLOURS[colour]) + rng.uniform(-style.colour_jitter, style.colour_jitter, 3), 0, 1)
-        obj = rgb * np.where(texture_mask(texture, u, v), 0.35, 1.0)[..., None]  # [S, S, 3]
-        img = np.where(shape_mask(shape, u, v)[..., None], obj, bg)
+        objects, freq = [(cx, cy, R)], 2.2  # (centre, radius) of each copy; texture frequency
+        if style.variants:  # the sub-type: dark or light shade, coarse or fine texture, one object or two
+            dark, fine, two = rng.randint(2, size=3)
+            rgb = rgb * 0.6 if dark else 0.4 + 0.6 * rgb
+            freq = 3.2 if fine else 1.5
+            if two:
+                a = rng.uniform(0, np.pi)
+                dx, dy = 0.45 * np.cos(a), 0.45 * np.sin(a)
+                objects = [(cx + dx, cy + dy, 0.55 * R), (cx - dx, cy - dy, 0.55 * R)]
+        img = bg
+        for ox, oy, r in objects:
+            u = (np.cos(th) * (x - ox) + np.sin(th) * (y - oy)) / r  # [S, S]
+            v = (-np.sin(th) * (x - ox) + np.cos(th) * (y - oy)) / r
+            obj = rgb * np.where(texture_mask(texture, u, v, freq), 0.35, 1.0)[..., None]  # [S, S, 3]
+            img = np.where(shape_mask(shape, u, v)[..., None], obj, img)
         # camera: colour cast and sensor noise
         img = img * (1 + style.cast * rng.randn(3))
         img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # [size, size, 3]
@@ -243,6 +273,8 @@ def world_key(spec: WorldSpec) -> str:
     fields = {
         k: v for k, v in dataclasses.asdict(spec).items() if k.startswith("pretrain") or k in ("seed", "image_size")
     }
+    if not spec.pretrain_style.variants:
+        del fields["pretrain_style"]["variants"]  # so WORLD keeps the key its shipped CLIP was made with
     text = repr((WORLD_VERSION, fields, WORLD_CLIP, SHAPES, COLOURS, TEXTURES, CAPTIONS, open_clip.__version__))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -274,9 +306,10 @@ def unpack_world_clip(packed: dict, name: str, seed: int) -> dict:
     return {"token_embedding.weight": embedding, **{k: v.float() for k, v in packed["state"].items()}}
 
 
-def ship_world_clip(name: str, path: Path = SHIPPED_CLIP) -> dict:
-    """Pretrain the world's CLIP (open_clip model `name`) and write the file the project ships."""
-    packed = pack_world_clip(pretrain_world_clip(WORLD, name, WORLD.seed), world_key(WORLD))
+def ship_world_clip(name: str, path: Path | None = None, world: str = "shapes_lt") -> dict:
+    """Pretrain the CLIP of world `world` (open_clip model `name`) and write the file the project ships (or `path`)."""
+    spec, path = WORLDS[world], path or SHIPPED_CLIPS[world]
+    packed = pack_world_clip(pretrain_world_clip(spec, name, spec.seed), world_key(spec))
     buf = io.BytesIO()
     torch.save(packed, buf)
     tmp = path.with_name(path.name + ".tmp")
@@ -286,15 +319,19 @@ def ship_world_clip(name: str, path: Path = SHIPPED_CLIP) -> dict:
 
 
 def render_task(spec: WorldSpec) -> dict:
-    """The world's long-tailed task: exponential training counts and a balanced test set, both in the task style
-    (drawn with different seeds), as arrays: images uint8 [N, S, S, 3], labels, class names, counts."""
+    """The world's long-tailed task: exponential training counts, and balanced validation and test sets drawn from
+    one distribution. All three are in the task style, each with its own seed (pretraining has seed + 3), so adding
+    the validation set changed no training or test image. Arrays: images uint8 [N, S, S, 3], labels, names, counts."""
     classes, counts = world_task_classes(spec), world_counts(spec)
     y_train = np.repeat(np.arange(len(classes)), counts)  # [N_train]
     y_test = np.repeat(np.arange(len(classes)), spec.test_per_class)  # [N_test]
+    y_val = np.repeat(np.arange(len(classes)), spec.val_per_class)  # [N_val]
     train = render_images([classes[y] for y in y_train], spec.task_style, spec.seed + 1, spec.image_size)
     test = render_images([classes[y] for y in y_test], spec.task_style, spec.seed + 2, spec.image_size)
+    val = render_images([classes[y] for y in y_val], spec.task_style, spec.seed + 4, spec.image_size)
     names = np.array([concept_name(c, spec.task_words) for c in classes])
-    return dict(train=train, y_train=y_train, test=test, y_test=y_test, classnames=names, counts=np.asarray(counts))
+    arrays = dict(train=train, y_train=y_train, test=test, y_test=y_test, val=val, y_val=y_val)
+    return dict(**arrays, classnames=names, counts=np.asarray(counts))
 
 
 def task_key(spec: WorldSpec) -> str:
@@ -372,6 +409,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import lift_plus
 
-    cfg = lift_plus.finalize_config(lift_plus.Config(data="shapes_lt"))  # registers the world's model config
-    ship_world_clip(lift_plus.open_clip_name(cfg.model))
-    print(f"wrote {SHIPPED_CLIP}")
+    for world in sys.argv[1:] or ["shapes_lt"]:  # world names: shapes_lt (the default), shapes_lt_wide
+        cfg = lift_plus.finalize_config(lift_plus.Config(data=world))  # registers the world's model config
+        ship_world_clip(lift_plus.open_clip_name(cfg.model), world=world)
+        print(f"wrote {SHIPPED_CLIPS[world]}")
