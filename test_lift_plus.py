@@ -1155,7 +1155,7 @@ def test_tutorial_notebook_runs_offline(world, monkeypatch):
         assert label in printed, label
     assert full not in printed  # the quick pass
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert figures >= 8
+    assert figures >= 6  # the quick pass draws one world
     last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     if not torch.cuda.is_available():
         assert last == "Skipped: this section trains CLIP ViT-B/16 and needs a GPU; this machine has none.\n"
