@@ -459,8 +459,9 @@ def over_dataset(fn, model: LiftModel, dataset, cfg: Config, run: Job | None = N
     model.eval()
     device = model.mean.device
     dtype, out, labels = autocast_dtype(cfg, device), [], []  # Appendix D
-    loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
-    if run is not None:
+    if run is None:
+        loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
+    else:
         loader = run.in_order(dataset, cfg.eval_batch_size)  # Part II: under torchrun, this process's share
     for views, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -1140,9 +1141,8 @@ def weights_errors(cfg: Config, name: str, tag_cfg: dict):
 # APPENDIX C. The offline world: a tiny CLIP and a long-tailed task for a laptop CPU
 # Plugs into Part I at build_data (build_world_task); Part II's finalize_config takes world_clip_files. The
 # world's generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is
-# data/shapes_lt/prepare.py; its pretrained CLIP ships in assets/world_clip.pt.
+# data/shapes_lt/prepare.py; their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
 
-SHIPPED_CLIP = Path(__file__).resolve().parent / "assets" / "world_clip.pt"
 WORLD_PREPARE = Path(__file__).resolve().parent / "data" / "shapes_lt" / "prepare.py"
 
 

@@ -1046,7 +1046,7 @@ def test_world_clip_ships_with_the_project(tmp_path, monkeypatch, capsys):
     """A cold cache takes the shipped file (no pretraining): the packed fp16 weights plus the token embedding of
     the seed's init, which pretraining never changes."""
     w = lp.world()
-    packed = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+    packed = torch.load(lp.world().SHIPPED_CLIPS["shapes_lt"], weights_only=True)
     assert packed["key"] == w.world_key(w.WORLD), "assets/world_clip.pt is stale: run data/shapes_lt/prepare.py"
     assert "token_embedding.weight" not in packed["state"] and {v.dtype for v in packed["state"].values()} == {
         torch.float16
@@ -1096,13 +1096,13 @@ def test_world_clip_regenerates(tmp_path):
     """The shipped CLIP is what the project's own pretraining makes: pretrain again and compare."""
     cfg = lp.finalize_config(lp.Config(data="shapes_lt"))
     fresh = lp.world().ship_world_clip(lp.open_clip_name(cfg.model), tmp_path / "world_clip.pt")
-    print(check_regenerated(fresh, torch.load(lp.SHIPPED_CLIP, weights_only=True), tmp_path))
+    print(check_regenerated(fresh, torch.load(lp.world().SHIPPED_CLIPS["shapes_lt"], weights_only=True), tmp_path))
 
 
 def test_world_clip_tolerance_path(tmp_path):
     """Both branches of check_regenerated run on every machine: a CLIP one float ulp away in one tensor takes
     the tolerance path and passes; one with a damaged tensor fails it."""
-    shipped = torch.load(lp.SHIPPED_CLIP, weights_only=True)
+    shipped = torch.load(lp.world().SHIPPED_CLIPS["shapes_lt"], weights_only=True)
     assert check_regenerated(copy.deepcopy(shipped), shipped, tmp_path) == "bit-identical"
     nudged = copy.deepcopy(shipped)
     w = nudged["state"]["visual.proj"]
