@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,7 +461,7 @@ def over_dataset(fn, model: LiftModel, dataset, cfg: Config, run: Job | None = N
     device = model.mean.device
     dtype, out, labels = autocast_dtype(cfg, device), [], []  # Appendix D
     if run is None:
-        loader = torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)
+        loader = Loader(dataset, cfg.eval_batch_size, num_workers=cfg.workers)  # Part II: workers pass signals on
     else:
         loader = run.in_order(dataset, cfg.eval_batch_size)  # Part II: under torchrun, this process's share
     for views, y in loader:
@@ -2124,7 +2125,7 @@ class Job:
     def __init__(self, cfg: Config, data: LTData = None, model: LiftModel = None, features=None):
         self.cfg, self.data, self.model, self.features, self.folder = cfg, data, model, features, run_folder(cfg)
         self.losses, self.total, self.seen, self.lr = [], 0.0, 0, 0.0  # the epoch's loss so far, the step's lr
-        self.stop, self.saved_at = None, time.time()  # the signal that stops the run; the last checkpoint's time
+        self.saved_at = time.time()  # the last checkpoint's time
         self.share, self.real, self.micro_left = 1.0, 0, 0  # this process's part of the step, its micro-batches to go
         self.device = torch.device("cpu")
         if model is not None:
@@ -2154,14 +2155,7 @@ class Job:
             dataset, workers = torch.utils.data.TensorDataset(self.features[0][:, None], self.features[1]), 0
         dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D: JPEGs decoded on the GPU
         sampler, pin = ShardedBatches(order, B, start), self.device.type == "cuda"
-        loader = torch.utils.data.DataLoader(
-            Padded(dataset),
-            batch_sampler=sampler,
-            num_workers=workers,
-            pin_memory=pin,
-            collate_fn=collate,
-            worker_init_fn=ignore_signals,
-        )
+        loader = Loader(Padded(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin, collate_fn=collate)
         for j, (views, y) in enumerate(self.progress.timed(loader), start):
             self.real, self.share = int((y >= 0).sum()), len(y) / min(B, len(order) - j * B)  # for weighted_sum
             self.micro_left = len(self.micro_batches(len(y)))
@@ -2178,13 +2172,7 @@ class Job:
         self.sampler = ShardedBatches(list(range(len(dataset))), batch_size, training=False)
         dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D
         workers = self.cfg.workers
-        return torch.utils.data.DataLoader(
-            Padded(dataset),
-            batch_sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=workers,
-            worker_init_fn=ignore_signals,
-        )
+        return Loader(Padded(dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=workers)
 
     def gather(self, outputs: list, labels: list) -> tuple:
         return gather_in_order(outputs, labels, self.sampler)  # Appendix F: every process's share, in order
@@ -2195,11 +2183,11 @@ class Job:
         self.total, self.seen, self.lr = self.total + loss_sum, self.seen + self.real, lr
         self.progress.step(epoch, step, self.mean_loss, lr)
         due = self.cfg.save_every > 0 and time.time() - self.saved_at > 60 * self.cfg.save_every
-        stop, due = sum_over_processes(float(self.stop is not None), float(due))  # all stop at the same step
+        stop, due = sum_over_processes(float(Stop.signum is not None), float(due))  # all stop at the same step
         if due or stop:
             self.save(epoch, step)
-        if stop:  # a process that got no signal itself ends as for SIGTERM
-            raise Stopped(self.stop or signal.SIGTERM)
+        if stop:
+            Stop.here()
 
     def mean_loss(self) -> float:
         total, seen = sum_over_processes(float(self.total), self.seen)
@@ -2211,11 +2199,6 @@ class Job:
         self.progress.epoch_end(epoch, self.losses[-1], self.lr)
         self.save(epoch + 1, 0)
 
-    def on_signal(self, signum, frame):
-        if self.stop is None:  # the first signal decides; a second one while saving changes nothing
-            self.stop = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
-
     def save(self, epoch: int, step: int):
         """Checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process."""
         self.saved_at = time.time()
@@ -2226,23 +2209,92 @@ class Job:
             torch.distributed.barrier()
 
 
-class Stopped(BaseException):  # not an Exception: no error handler may take it for bad input
-    """A signal stopped the run: its number."""
-
-
 STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 75}  # 75: EX_TEMPFAIL, "requeue me"
 
 
-def ignore_signals(worker_id: int):
-    """A DataLoader worker leaves Ctrl-C and SIGUSR1 to the main process, which stops the run cleanly. (SIGTERM is
-    torch's: it ends a worker, as the DataLoader's shutdown needs.)"""
-    for s in (signal.SIGINT, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+class Stop:
+    """The signal that stops the run: the first Ctrl-C, SIGTERM or SIGUSR1 to reach this process, sent to it or passed
+    on by one of its DataLoader workers; later ones change nothing. In training the loop reads it after each step
+    (Job.step_done), writes a checkpoint and stops; anywhere else on_stop_signal stops the run at once."""
+
+    signum = None
+    in_training = False
+
+    @staticmethod
+    def here():
+        """Stop the run now (main prints what was saved). Under torchrun a process that got no signal itself stops
+        because another one did: it ends as for SIGTERM."""
+        if Stop.signum is None:
+            Stop.signum = signal.SIGTERM
+        raise KeyboardInterrupt
 
 
-def raise_stopped(signum, frame):
-    """SIGTERM or SIGUSR1 outside training stops the run at once, as Ctrl-C does."""
-    raise Stopped(signum)
+def on_stop_signal(signum, frame):
+    if Stop.signum is not None:
+        return
+    Stop.signum = signum
+    if not Stop.in_training:
+        raise KeyboardInterrupt
+    print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+
+
+def pass_signals_on(worker_id: int):
+    """Each DataLoader worker passes a stop signal on to its main process. A cluster (SLURM, Kubernetes) or a terminal
+    signals every process of the job, the workers too; so a signal to the whole process group, or to one worker,
+    stops the run as one to the main process does. The signals stay blocked in the worker (Loader starts it so) and a
+    thread takes them: a SIGTERM from the main process itself is the DataLoader ending its worker, as torch's own
+    handler takes it."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)  # already so where the worker was forked
+
+    def relay():
+        while True:
+            info = signal.sigwaitinfo(STOP_CODES)
+            if info.si_pid == parent:
+                os._exit(0)
+            os.kill(parent, info.si_signo)
+
+    threading.Thread(target=relay, daemon=True).start()
+
+
+class Loader(torch.utils.data.DataLoader):
+    """Every DataLoader of a run: its workers pass stop signals on (pass_signals_on). They are started with the
+    signals blocked, so none reaches a worker before its handlers are set. `workers` keeps the last workers started,
+    so that main can name one that a signal killed (the DataLoader's RuntimeError says so only in its text)."""
+
+    workers = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=pass_signals_on, **kwargs)
+
+    def __iter__(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)
+        try:
+            batches = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        Loader.workers = getattr(batches, "_workers", [])  # the worker processes (torch has no public name)
+        return batches
+
+
+def lost_worker() -> str | None:
+    """What killed a DataLoader worker, if a signal did: the kernel's out-of-memory killer sends SIGKILL. The main
+    process can see the worker's death (a closed connection) before the worker has ended, so this looks for 1 s, with
+    torch's SIGCHLD handler set aside: it would report the same death again, with a traceback."""
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for _ in range(100):
+        for w in Loader.workers:
+            if w.exitcode is not None and w.exitcode < 0:
+                for other in Loader.workers:  # ended now, quietly, before this process closes their connections
+                    other.terminate()
+                    other.join(1)
+                return (
+                    f"a DataLoader worker (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}, not by a "
+                    "signal to the run (out of memory? try fewer --workers); continue with --resume"
+                )
+        time.sleep(0.01)
+    signal.signal(signal.SIGCHLD, handler)
+    return None
 
 
 def tuned_state(model: nn.Module) -> dict:
@@ -2299,7 +2351,8 @@ RESUME_MAY_CHANGE = tuple(
 
 
 def save_checkpoint(job: Job, epoch: int, step: int, loss_so_far: list):
-    """Atomically: the tuned parameters, the optimiser, schedule, scaler and RNG, and where the run is."""
+    """Atomically: the tuned parameters, the optimiser, schedule and scaler, and where the run is. No RNG state:
+    training draws its crops and order from generators seeded by (seed, epoch, image), not from torch's."""
     cfg, data, model, (opt, sched, scaler) = job.cfg, job.data, job.model, job.optim
     atomic_torch_save(
         job.folder / "checkpoint.pt",
@@ -2316,7 +2369,6 @@ def save_checkpoint(job: Job, epoch: int, step: int, loss_so_far: list):
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(),
         },
     )
 
@@ -2374,8 +2426,8 @@ def check_resume(cfg: Config, state: dict, path: Path):
 
 def resume(job: Job) -> tuple:
     """(first epoch, first step): 0, 0 for a new run, or where the run folder's checkpoint stopped with --resume
-    (or --resume auto and a checkpoint), restored exactly: tuned parameters, optimiser, schedule, scaler, RNG and
-    the epoch's loss so far. Also checks that the disk holds two checkpoints (the old one stays until the new
+    (or --resume auto and a checkpoint), restored exactly: tuned parameters, optimiser, schedule, scaler and the
+    epoch's loss so far. Also checks that the disk holds two checkpoints (the old one stays until the new
     one is complete)."""
     import shutil
 
@@ -2394,7 +2446,6 @@ def resume(job: Job) -> tuple:
     sched.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:  # fp16 only: bf16 and fp32 runs have no scale to restore
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
     job.losses = list(state["train_loss"])
     epoch, step = state["epoch"], state.get("step", 0)
     if rank() == 0:  # the epoch's loss so far is counted once, by one process
@@ -2447,13 +2498,13 @@ def fit(cfg: Config) -> tuple:
         features = None
         if cfg.cache_features:
             features = frozen_features(model, data, cfg)  # Appendix D
-        job = Job(cfg, data, model, features)
-        before = {s: signal.signal(s, job.on_signal) for s in STOP_CODES}  # a signal stops at the next step
+        Stop.in_training = True  # a signal stops the run after its step, with a checkpoint
         try:
-            model.train_loss = train(cfg, data, model, job)
+            model.train_loss = train(cfg, data, model, Job(cfg, data, model, features))
         finally:
-            for s, handler in before.items():
-                signal.signal(s, handler)
+            Stop.in_training = False
+        if sum_over_processes(float(Stop.signum is not None))[0]:  # one that came after the last step
+            Stop.here()
     return data, model
 
 
@@ -2473,11 +2524,12 @@ def say(message: str):
 
 def main(argv=None):
     """Bad input ends in one line (exit 2); a signal in one line naming what was saved (130 for Ctrl-C, 143 for
-    SIGTERM, 75 for SIGUSR1); a bug in Python's own traceback."""
+    SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in Python's own
+    traceback."""
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt (not the start-up guard)
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, raise_stopped)
+    Stop.signum = None
+    for s in STOP_CODES:
+        signal.signal(s, on_stop_signal)
     cfg = None
     try:
         if argv[:1] == ["table"]:
@@ -2491,14 +2543,18 @@ def main(argv=None):
     except LiftError as e:  # also raised in a DataLoader worker, which puts its traceback into the message
         say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
         sys.exit(2)
-    except (Stopped, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
         for s in STOP_CODES:
             signal.signal(s, signal.SIG_IGN)  # a second signal cannot cut this short
-        signum = signal.SIGINT
-        if isinstance(e, Stopped):
-            signum = e.args[0]
-        say(f"\n{stopped_message(cfg)}")
-        sys.exit(STOP_CODES[signum])
+        if rank() == 0:  # under torchrun, the process that wrote the checkpoint
+            say(f"\n{stopped_message(cfg)}")
+        sys.exit(STOP_CODES[Stop.signum or signal.SIGINT])
+    except Exception:  # a worker's death shows as whatever the main process was doing with it
+        lost = lost_worker()
+        if lost is None:
+            raise
+        say(f"error: {lost}")
+        sys.exit(1)
 
 
 def stopped_message(cfg) -> str:

@@ -1836,54 +1836,135 @@ def test_inat_taxonomy_levels(tmp_path, configs):
 # ------------------------------------------------------------------------------------------
 
 
-def signal_at_loss_call(monkeypatch, n: int, signum, again: bool = False):
-    """Send this process `signum` during the n-th call of the loss, as a cluster's scheduler would; with again, a
-    second one arrives while the checkpoint is being written."""
-    real, calls = lp.logit_adjusted_loss, {"n": 0}
+SIGNALLED_RUN = """import multiprocessing, os, signal, subprocess, sys
+sys.path.insert(0, {here!r})
+import lift_plus as lp
+at, to, signum = int(sys.argv[1]), sys.argv[2], getattr(signal, sys.argv[3])
+real_loss, real_save, calls = lp.logit_adjusted_loss, lp.atomic_torch_save, [0]
+def send():  # as another process sends it (kill): to the process group, the main process or one worker
+    if os.environ.get("RANK", "0") != "0":
+        return
+    target = {{"group": -os.getpgid(0), "main": os.getpid()}}.get(to) or multiprocessing.active_children()[0].pid
+    subprocess.run(["kill", "-s", signal.Signals(signum).name[3:], "--", str(target)])
+def loss(*a, **k):  # the at-th micro-batch's loss
+    calls[0] += 1
+    if calls[0] == at:
+        send()
+    return real_loss(*a, **k)
+def save(path, obj):  # once the signal came, another one arrives while each checkpoint is written
+    if calls[0] >= at and to != "kill":
+        send()
+    real_save(path, obj)
+lp.logit_adjusted_loss, lp.atomic_torch_save = loss, save
+lp.main(sys.argv[4:])
+"""
 
-    def loss(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signum)
-        return real(*a, **k)
 
-    monkeypatch.setattr(lp, "logit_adjusted_loss", loss)
-    if again:
-        save = lp.atomic_torch_save
-
-        def interrupted_save(path, obj):
-            if calls["n"] >= n:
-                os.kill(os.getpid(), signum)  # ignored until the write is complete
-            save(path, obj)
-
-        monkeypatch.setattr(lp, "atomic_torch_save", interrupted_save)
+@pytest.fixture(scope="module")
+def uninterrupted(configs, folder, tmp_path_factory):
+    """The run that the signalled runs must end as: 3 epochs of 7 steps of 8 images on the image folder."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    lp.main(tiny_args(configs, folder, out, "--epochs 3 --batch-size 8 --seed 1 --run-name whole"))
+    return out / "whole"
 
 
-@pytest.mark.parametrize("signum,code,again", [(signal.SIGTERM, 143, False), (signal.SIGUSR1, 75, True)])
-def test_signal_stops_at_a_step_and_resume_auto_continues_exactly(
-    configs, folder, tmp_path, capsys, monkeypatch, signum, code, again
+def assert_same_run(a: Path, b: Path, exact: bool = True):
+    """Two run folders hold the same tuned tensors, optimiser state, losses and results: bit for bit, or (torchrun
+    against one process) up to float rounding."""
+    x, y = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (a, b))
+    ox, oy = x["optimizer"]["state"], y["optimizer"]["state"]
+    assert set(x["tuned"]) == set(y["tuned"]) and set(ox) == set(oy)
+    pairs = [(x["tuned"][k], y["tuned"][k]) for k in x["tuned"]]
+    pairs += [(ox[k]["momentum_buffer"], oy[k]["momentum_buffer"]) for k in ox]
+    pairs += [(torch.tensor(x["train_loss"]), torch.tensor(y["train_loss"]))]
+    for u, v in pairs:
+        if exact:
+            assert torch.equal(u, v)
+        else:
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    assert x["scheduler"] == y["scheduler"]
+    assert "rng" not in y  # training draws from generators seeded by (seed, epoch, image): no RNG state to save
+    rx, ry = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for k in ("metrics", "per_class_accuracy", "params"):
+        assert rx[k] == ry[k], k
+
+
+@pytest.mark.parametrize(
+    "to,signum,workers,code",
+    [
+        ("group", signal.SIGTERM, 2, 143),
+        ("group", signal.SIGUSR1, 2, 75),
+        ("group", signal.SIGINT, 2, 130),
+        ("main", signal.SIGTERM, 2, 143),
+        ("worker", signal.SIGUSR1, 2, 75),
+        ("group", signal.SIGTERM, 0, 143),
+        ("torchrun", signal.SIGTERM, 1, 143),
+    ],
+)
+def test_a_signal_to_any_process_of_the_job_stops_at_a_step_and_resumes_exactly(
+    configs, folder, tmp_path, uninterrupted, to, signum, workers, code
 ):
-    """SLURM's SIGTERM (exit 143) or its warning SIGUSR1 (exit 75, requeue) mid-epoch: the run stops after the step
-    it is in, with a checkpoint of that step; a second signal during the write loses nothing. The same command with
-    --resume auto then ends with the uninterrupted run's weights and losses, bit for bit."""
-    args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1")
-    lp.main(args + ["--run-name", "whole"])
-    signal_at_loss_call(monkeypatch, 10, signum, again)  # 7 steps per epoch: during step 3 of epoch 2
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        lp.main(args + ["--run-name", "cut", "--resume", "auto"])
-    err = capsys.readouterr().err
-    assert e.value.code == code and f"{signal.Signals(signum).name}: stopping after this step" in err
-    assert re.search(r"interrupted; epoch 1/3 \+ 3 steps is in .*cut/checkpoint.pt: continue with --resume", err)
+    """SLURM, Kubernetes and a terminal signal every process of a job, the DataLoader workers too. Sent to the
+    process group, to the main process alone or to one worker, with a second one while the checkpoint is written:
+    the run stops after its step with a checkpoint of that step, says so in one line, and exits with 143 (SIGTERM),
+    75 (SIGUSR1: requeue) or 130 (Ctrl-C). Under torchrun every process stops at that step. --resume auto then ends
+    with the uninterrupted run's tensors, optimiser state and results, bit for bit."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
+    args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1 --run-name cut --resume auto")
+    args[args.index("--workers") + 1] = str(workers)
+    where = "group" if to == "torchrun" else to
+    cmd = [sys.executable, str(script), "10", where, signal.Signals(signum).name]  # step 3 of epoch 2
+    if to == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
+    r = subprocess.run(
+        cmd + args,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert 'lift_plus.py", line' not in r.stderr, r.stderr[-3000:]  # no traceback of ours
+    if to == "torchrun":  # each process exits with the code; torchrun reports them and exits 1, its own way
+        assert r.returncode == 1 and r.stderr.count(f"exitcode  : {code} ") == 2, r.stderr[-3000:]
+        assert r.stderr.count("interrupted; epoch 1/3 + 3 steps") == 1, r.stderr[-3000:]
+    else:
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.returncode == code, r.stderr[-3000:]
+        assert r.stderr.count(f"{signal.Signals(signum).name}: stopping after this step") == 1, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            r"interrupted; epoch 1/3 \+ 3 steps is in .*cut/checkpoint.pt: continue with --resume", last
+        )
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 3)
-    monkeypatch.undo()
-    lp.main(args + ["--run-name", "cut", "--resume", "auto"])
-    assert "resuming" in capsys.readouterr().out
-    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("whole", "cut"))
-    assert all(torch.equal(a["tuned"][k], b["tuned"][k]) for k in a["tuned"]) and a["train_loss"] == b["train_loss"]
+    lp.main(tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1 --run-name cut --resume auto"))
+    assert_same_run(uninterrupted, tmp_path / "cut", exact=to != "torchrun")
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # no epoch is counted twice
+
+
+def test_a_worker_killed_by_sigkill_is_named_and_not_taken_for_a_stop(configs, folder, tmp_path):
+    """The out-of-memory killer's SIGKILL to one DataLoader worker, here while the last step of epoch 1 trains: one
+    line naming it, exit 1, no traceback."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
+    args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --run-name killed")
+    args[args.index("--workers") + 1] = "2"
+    r = subprocess.run(
+        [sys.executable, str(script), "7", "kill", "SIGKILL", *args],
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: a DataLoader worker \(pid \d+\) was killed by SIGKILL, not by a signal to the run .*--resume",
+        r.stderr.strip(),
+    ), r.stderr
 
 
 def test_mid_epoch_checkpoints_and_resume_auto_on_a_fresh_folder(configs, folder, tmp_path, monkeypatch):
