@@ -19,7 +19,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
@@ -1703,7 +1702,7 @@ def check_inputs(cfg: Config, data: LTData, model: LiftModel):
             images.load(int(i))
     ckpt = run_folder(cfg) / "checkpoint.pt"
     if cfg.resume != "no" and ckpt.exists():
-        check_resume(cfg, read_checkpoint(ckpt, cfg, data, model, copy=False), ckpt)
+        load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
     where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
     print(
         f"check passed: flags, {len(data.train) + len(data.test)} image files, the weights and {where}; "
@@ -1734,262 +1733,49 @@ def atomic_torch_save(path: Path, obj):
 
 
 # ==========================================================================================
-# APPENDIX F. Past one process: torchrun, progress lines and metrics.jsonl, predict
-# Part II's Job takes these. `torchrun --nproc_per_node N lift_plus.py ...` runs PyTorch's DistributedDataParallel;
-# every optimiser step sees the images and crops of the single-process run, and one process is exactly it.
+# PART II. Running a job: main -> parse_config -> finalize_config -> run_job -> fit -> prepare_run and a Job
+# The Job is what lies beyond the method's recipe (Part I's train and evaluate take it): the epoch's batches of a
+# seeded permutation, resumable mid-epoch and shared among torchrun's processes; checkpoints; the signals of a
+# cluster; progress lines and metrics.jsonl. Then predict, the command for new images.
 
 
-def processes() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def start_processes(cfg: Config):
-    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU,
-    and quiet standard output on every process but the first. Returns the device, or None without torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    if not torch.distributed.is_initialized():
-        # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
-        # process reads the address of a process that died
-        store, r, world = next(torch.distributed.rendezvous("env://"))
-        attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
-    if not cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    return device
-
-
-class ShardedBatches(torch.utils.data.Sampler):
-    """Batches of the indices `order` (a permutation in training, else in order) from batch `start` on. Under
-    torchrun, process r takes items r, r + W, ... of every batch, so each step sees the images, and the crops,
-    of the single-process run. Items are (index, padding?): in training a shorter share is padded with the batch's
-    first image (Padded gives it the label -100), so that every process runs the same forward and backward passes."""
-
-    def __init__(self, order: list, batch_size: int, start: int = 0, training: bool = True):
-        self.order, self.batch_size, self.start, self.training = order, batch_size, start, training
-
-    def __len__(self):
-        return math.ceil(len(self.order) / self.batch_size) - self.start
-
-    def __iter__(self):
-        for i in range(self.start * self.batch_size, len(self.order), self.batch_size):
-            batch = self.order[i : i + self.batch_size]
-            share = [(i, False) for i in batch[rank() :: processes()]]
-            if self.training:  # every share of a step equally long, so every process runs the same micro-batches
-                share += [(batch[0], True)] * (math.ceil(len(batch) / processes()) - len(share))
-            if share:
-                yield share
-
-
-class Padded(torch.utils.data.Dataset):
-    """Item (i, padding?) of a dataset: item i, with the label -100 (which the loss ignores) for padding."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        i, padding = key
-        views, label = self.dataset[i]
-        if padding:
-            label = -100
-        return views, label
-
-
-def weighted_sum(job, bucket):
-    """DDP's gradient reduction, once per optimiser step: the micro-batches before the last one accumulate their
-    gradients locally (the bucket comes back as it is). Each process's loss is the mean over its share, so the exact
-    gradient of the mean over the step's images is the sum over processes of (share / step images) x gradient."""
-    buf = bucket.buffer()
-    if job.micro_left > 0:
-        kept = torch.futures.Future()
-        kept.set_result(buf)
-        return kept
-    buf.mul_(job.share)
-    return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-def distributed(module: nn.Module, job) -> nn.Module:
-    """DistributedDataParallel under torchrun, reducing gradients with weighted_sum; else the module."""
-    if processes() == 1:
-        return module
-    device = next(module.parameters()).device
-    ids = [device] if device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # constants
-    ddp.register_comm_hook(job, weighted_sum)
-    ddp.register_forward_pre_hook(job.micro_batch_started)
-    return ddp
-
-
-def sum_over_processes(*values: float) -> list:
-    """Each value summed over the processes (the values themselves in one process)."""
-    if processes() == 1:
-        return list(values)
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
-    both = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(both)
-    return both.tolist()
-
-
-def gather_in_order(out: list, labels: list, sampler: ShardedBatches) -> tuple:
-    """Each process's outputs and labels put back in dataset order (evaluation): exactly one row per image."""
-    if processes() == 1:
-        return torch.cat(out), torch.cat(labels)
-    shares = [None] * processes()
-    torch.distributed.all_gather_object(shares, (out, labels))  # a process with no images sends two empty lists
-    n, B, W = len(sampler.order), sampler.batch_size, processes()
-    shares = [(torch.cat(o), torch.cat(y)) for o, y in shares if o]
-    outputs, targets = torch.empty(n, *shares[0][0].shape[1:]), torch.empty(n, dtype=torch.long)
-    for r, (o, y) in enumerate(shares):  # process r holds items r, r + W, ... of every batch
-        idx = [i for s in range(0, n, B) for i in range(s, min(s + B, n))[r::W]]
-        outputs[idx], targets[idx] = o, y
-    return outputs, targets
-
-
-class Progress:
-    """A progress line every --log-every optimiser steps and at the end of each epoch (loss, lr, images per
-    second, the fraction of time spent waiting for data, time left), and a line per epoch in metrics.jsonl."""
-
-    def __init__(self, cfg: Config, steps: int, path: Path):
-        self.cfg, self.steps, self.path, self.t0, self.done = cfg, steps, path, time.time(), 0
-        self.start, self.wait, self.images = time.time(), 0.0, 0
-
-    def timed(self, loader):
-        """The loader's batches, measuring the wait for each."""
-        t = time.time()
-        for views, y in loader:
-            self.wait += time.time() - t
-            self.images += len(y) * processes()
-            yield views, y
-            t = time.time()
-
-    def step(self, epoch: int, step: int, loss, lr: float):
-        self.done += 1
-        if step % self.cfg.log_every and step != self.steps:
-            return
-        rate = self.done / (time.time() - self.t0)
-        eta = ((self.cfg.epochs - epoch) * self.steps - step) / max(rate, 1e-9)
-        wait = 100 * self.wait / (time.time() - self.start)
-        print(
-            f"epoch {epoch + 1}/{self.cfg.epochs} step {step}/{self.steps} loss {loss():.4f} lr {lr:.5f} "
-            f"{rate * self.cfg.batch_size:.1f} img/s, data wait {wait:.0f}% "
-            f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-            flush=True,
-        )
-
-    def epoch_end(self, epoch: int, loss: float, lr: float):
-        seconds = time.time() - self.start
-        line = {
-            "epoch": epoch + 1,
-            "loss": loss,
-            "lr": lr,
-            "images_per_s": self.images / seconds,
-            "data_wait": self.wait / seconds,
-            "epoch_s": seconds,
-            "peak_memory_gib": peak_memory() / 2**30,
-        }
-        if rank() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-        self.start, self.wait, self.images = time.time(), 0.0, 0
-
-
-def peak_memory() -> int:
-    """Peak bytes so far: of the GPU's tensors where CUDA is in use, else of the process (its resident set)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def predict_main(argv: list):
-    """python lift_plus.py predict --checkpoint runs/x/checkpoint.pt IMAGES... [--top-k 5] [--out preds.csv]:
-    the top-k classes and probabilities of image files (or folders of them), with the run's test views (TTE)."""
-    p = Parser(prog="lift_plus.py predict", description=predict_main.__doc__.splitlines()[0])
-    p.add_argument("images", nargs="+", help="image files, or folders searched at any depth")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by a training run")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--out", default=None, help="a .csv or .json file (default: CSV on standard output)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    a = p.parse_args(argv)
-    if not Path(a.checkpoint).is_file():
-        raise LiftError(f"--checkpoint {a.checkpoint}: no such file")
+def main(argv=None):
+    """Bad input ends in one line (exit 2); a signal in one line naming what was saved (130 for Ctrl-C, 143 for
+    SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in Python's own
+    traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    Stop.signum = None
+    for s in STOP_CODES:
+        signal.signal(s, on_stop_signal)
+    cfg = None
     try:
-        state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
-        saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    except Exception:
-        raise LiftError(f"--checkpoint {a.checkpoint}: not a lift_plus checkpoint with its run's settings") from None
-    prompt = saved["prompt"] if saved["init"] == "semantic" else Config().prompt
-    cfg = finalize_config(
-        dataclasses.replace(
-            Config(**saved),
-            eval_only=True,
-            checkpoint=a.checkpoint,
-            resume="no",
-            run_name=None,
-            out=Config().out,
-            device=a.device,
-            workers=a.workers,
-            init="semantic",
-            prompt=prompt,
-            compile=False,  # a few images: not worth compiling
-        )
-    )
-    if a.top_k < 1:
-        raise LiftError(f"--top-k: expected an integer >= 1, got {a.top_k}")
-    notes, paths = collections.Counter(), []
-    for item in map(Path, a.images):
-        if not item.exists():
-            raise LiftError(f"{item}: no such file or folder")
-        paths += [str(q) for q in (list_images(item, notes) if item.is_dir() else [item])]
-    if not paths:
-        raise LiftError(f"{', '.join(a.images)}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-    data = LTData(ImageSet([], []), ImageSet([], []), state["classnames"], np.asarray(state["train_counts"]))
-    with contextlib.redirect_stdout(sys.stderr):  # standard output is for the predictions
-        model = build_model(cfg, data, prepare_run(cfg))
-    if cfg.fast:
-        make_fast(model)  # Appendix D
-    read_checkpoint(a.checkpoint, cfg, data, model)
-    views = Views(ImageSet(paths, [0] * len(paths)), test_views(cfg, model.image_size))  # the run's own test views
-    logits, _ = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
-    prob, top = logits.softmax(dim=1).topk(min(a.top_k, data.num_classes), dim=1)  # [N, k]
-    rows = [
-        {
-            "image": path,
-            "top": [{"class": data.classnames[c], "probability": round(float(q), 6)} for c, q in zip(t, pr)],
-        }
-        for path, t, pr in zip(paths, top.tolist(), prob.tolist())
-    ]
-    if a.out and a.out.endswith(".json"):
-        return atomic_write(Path(a.out), json.dumps(rows, indent=1).encode())
-    import csv
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["image"] + [f"{x}_{i + 1}" for i in range(len(rows[0]["top"])) for x in ("class", "probability")])
-    w.writerows([[r["image"]] + [v for t in r["top"] for v in (t["class"], t["probability"])] for r in rows])
-    if a.out:
-        atomic_write(Path(a.out), buf.getvalue().encode())
-    else:
-        print(buf.getvalue(), end="")
+        if argv[:1] == ["table"]:
+            return table_main(argv[1:])  # Appendix A: the results table
+        if argv[:1] == ["predict"]:
+            return predict_main(argv[1:])
+        cfg = parse_config(argv)
+        run_job(cfg)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # before the interpreter exits, or its threads may abort it
+    except LiftError as e:  # also raised in a DataLoader worker, which puts its traceback into the message
+        say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
+        sys.exit(2)
+    except KeyboardInterrupt:
+        for s in STOP_CODES:
+            signal.signal(s, signal.SIG_IGN)  # a second signal cannot cut this short
+        if rank() == 0:  # under torchrun, the process that wrote the checkpoint
+            say(f"\n{stopped_message(cfg)}")
+        sys.exit(STOP_CODES[Stop.signum or signal.SIGINT])
+    except Exception:  # a worker's death shows as whatever the main process was doing with it
+        lost = lost_worker()
+        if lost is None:
+            raise
+        say(f"error: {lost}")
+        sys.exit(1)
 
 
-# ==========================================================================================
-# PART II. Running a job: flags, the run folder, checkpoints and exact resume, signals, main
+def say(message: str):
+    print(message, file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -2001,10 +1787,9 @@ def parse_config(argv=None) -> Config:
     """Flags are Config's fields with dashes; --help shows each field's doc. --resume alone means --resume yes."""
     parser = Parser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        doc = f.metadata["help"]
+        doc, choices = f.metadata["help"], f.metadata["choices"] or None
         if f.default is not None and "default" not in doc:
             doc += f" (default: {f.default})"
-        choices = f.metadata["choices"] or None
         if f.type == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         elif f.name == "resume":
@@ -2016,8 +1801,9 @@ def parse_config(argv=None) -> Config:
 
 
 def finalize_config(cfg: Config) -> Config:
-    """Check every flag, then derive every default that depends on others. The one writer of a Config:
-    nothing changes it afterwards, and results.json records it as it is here."""
+    """Check every flag, then derive every default that depends on others. The one writer of a Config: nothing
+    changes it afterwards, and run.json, checkpoints and results.json record it as it is here. The model's spelling
+    is made one (ViT-B/16 is ViT-B-16, a file is its absolute path), so that a checkpoint compares by what it is."""
     check_flags(cfg)  # Appendix E: every value and combination
     if cfg.data in WORLDS:
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))  # Appendix C: the world brings its own CLIP
@@ -2033,7 +1819,51 @@ def finalize_config(cfg: Config) -> Config:
         derived["expand"] = round(24 * clip_image_size(cfg) / 224)  # 248 at 224; Appendix B
     if cfg.run_name is None and cfg.checkpoint is None:
         derived["run_name"] = f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}"
-    return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
+    model, pretrained = cfg.model.replace("/", "-"), cfg.pretrained
+    if cfg.model.endswith(".json"):
+        model = str(Path(cfg.model).expanduser().resolve())
+    if Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return dataclasses.replace(cfg, model=model, pretrained=pretrained)
+
+
+def run_job(cfg: Config) -> dict:
+    """What main runs for a config: fit, then --check's checks, or the evaluation written to results.json."""
+    data, model = fit(cfg)
+    if cfg.check:
+        return check_inputs(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
+    report = evaluate(cfg, data, model, Job(cfg, data, model))
+    if rank() == 0:
+        write_results(cfg, data, model, report)
+    return report
+
+
+def fit(cfg: Config) -> tuple:
+    """Build the task and the model, then train it (or, with --eval-only, load --checkpoint): (data, model)."""
+    device = prepare_run(cfg)
+    data = build_data(cfg)
+    print(summarize_data(data, cfg.data))  # Appendix E: counts, groups, notes on the lists
+    model = build_model(cfg, data, device)
+    if cfg.fast:
+        make_fast(model)  # Appendix D: the same values, faster
+    if cfg.compile:
+        model.compile(dynamic=False)  # Appendix D: a static graph per batch size
+    print(describe_tuning(model))
+    if cfg.eval_only and cfg.checkpoint:
+        model.train_loss = load_checkpoint(cfg.checkpoint, cfg, model)["train_loss"]
+    elif not (cfg.eval_only or cfg.check) and cfg.tuning != "zeroshot":
+        features = None
+        if cfg.cache_features:
+            features = frozen_features(model, data, cfg)  # Appendix D
+        Stop.in_training = True  # a signal stops the run after its step, with a checkpoint
+        try:
+            model.train_loss = train(cfg, data, model, Job(cfg, data, model, features))
+        finally:
+            Stop.in_training = False
+        if sum_over_processes(float(Stop.signum is not None))[0]:  # one that came after the last step
+            Stop.here()
+    return data, model
 
 
 def run_folder(cfg: Config) -> Path:
@@ -2044,63 +1874,48 @@ def run_folder(cfg: Config) -> Path:
 
 
 def prepare_run(cfg: Config) -> torch.device:
-    """Before anything is built: the device exists; the run folder is a writable folder that no other live run
-    holds (a lock released when its process ends); --resume has a checkpoint to continue and a new run none to
-    overwrite; temporary files of killed writes are removed. Returns the device."""
+    """Before anything is built: the device exists; the run folder is a folder that no other live run holds (a
+    lock, released when its process ends); --resume has a checkpoint to continue and a new run none to overwrite;
+    run.json records the run. Returns the device."""
     import filelock
 
-    device = start_processes(cfg)  # Appendix F: the process group under torchrun
-    if device is None and cfg.device == "auto":
+    device = start_processes(cfg)  # torchrun's process group
+    if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device is None:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+        if cfg.device != "auto":
+            try:
+                device = torch.device(cfg.device)
+            except RuntimeError:
+                raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
+    folder, ckpt = run_folder(cfg), run_folder(cfg) / "checkpoint.pt"
     if cfg.eval_only:
-        if not Path(cfg.checkpoint or ".").exists():
+        if not Path(cfg.checkpoint or ".").is_file() and cfg.checkpoint:
             raise LiftError(f"--checkpoint {cfg.checkpoint}: no such file")
         return device
-    folder = run_folder(cfg)
-    if rank() > 0:  # torchrun: the first process prepares the folder
-        torch.distributed.barrier()
-        return device
-    if folder.exists() and not folder.is_dir():
-        raise LiftError(f"--out / --run-name: {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise LiftError(f"--out / --run-name: cannot write in {folder} ({e.strerror})") from None
-    if str(folder) not in LOCKS:  # (an earlier run in this process may hold it)
-        lock = filelock.FileLock(folder / "lock")
+    if rank() == 0 and str(folder) not in LOCKS:  # the first process holds the folder, unless it already does
         try:
-            lock.acquire(timeout=0)  # held until this process ends or writes its results
+            folder.mkdir(parents=True, exist_ok=True)
+            LOCKS[str(folder)] = filelock.FileLock(folder / "lock")
+            LOCKS[str(folder)].acquire(timeout=0)  # held until this process ends or writes its results
         except filelock.Timeout:
+            del LOCKS[str(folder)]
             raise LiftError(f"{folder}: another run is using this run folder; wait for it to end") from None
-        LOCKS[str(folder)] = lock
-    for tmp in folder.glob("*.tmp*"):  # left by a write that was killed: no other run writes here
-        tmp.unlink(missing_ok=True)
-    ckpt = folder / "checkpoint.pt"
-    if cfg.resume == "yes" and not ckpt.exists() and not cfg.check:
-        raise LiftError(f"--resume: {folder} holds no checkpoint.pt to continue; drop --resume to start this run")
-    if ckpt.exists() and cfg.resume == "no" and cfg.tuning != "zeroshot":
-        raise LiftError(f"{ckpt} exists: pass --resume to continue that run, or --run-name NAME for a new one")
-    if not cfg.check:  # --check leaves no files behind
-        versions = {m: __import__(m).__version__ for m in ("torch", "torchvision", "open_clip", "numpy", "PIL")}
-        run = {
-            "config": dataclasses.asdict(cfg),
-            "versions": versions,
-            "python": sys.version.split()[0],
-            "device": str(device),
-            "processes": processes(),
-            "argv": sys.argv,
-        }
-        atomic_write(folder / "run.json", json.dumps(run, indent=1).encode())
+        except OSError as e:
+            raise LiftError(f"--out / --run-name: cannot write in {folder} ({e.strerror})") from None
+    if rank() == 0:
+        for tmp in folder.glob("*.tmp*"):  # left by a write that was killed (atomic_write)
+            tmp.unlink()
+        if cfg.resume == "yes" and not ckpt.exists() and not cfg.check:
+            raise LiftError(f"--resume: {folder} holds no checkpoint.pt to continue; drop --resume to start this run")
+        if ckpt.exists() and cfg.resume == "no" and cfg.tuning != "zeroshot":
+            raise LiftError(f"{ckpt} exists: pass --resume to continue that run, or --run-name NAME for a new one")
+        if not cfg.check:  # --check leaves no files behind
+            versions = {m: __import__(m).__version__ for m in ("torch", "torchvision", "open_clip", "numpy", "PIL")}
+            run = dict(config=dataclasses.asdict(cfg), versions=versions, python=sys.version.split()[0])
+            run.update(device=str(device), processes=processes(), argv=sys.argv)
+            atomic_write(folder / "run.json", json.dumps(run, indent=1).encode())
     if processes() > 1:
         torch.distributed.barrier()
     return device
@@ -2117,30 +1932,38 @@ def release_lock(folder: Path):
 
 
 class Job:
-    """What lies beyond the method's recipe (Part I's train and evaluate take it): the epoch's batches of a seeded
-    permutation, resumed mid-epoch and shared among torchrun's processes (Appendix F); checkpoints at every epoch
-    end and every --save-every minutes; progress lines and metrics.jsonl; the signals of a cluster; the cached
-    features of --cache-features (Appendix D)."""
+    """A training run's machinery, for Part I's train (start, batches, step_done, epoch_done) and evaluate
+    (in_order, gather)."""
 
-    def __init__(self, cfg: Config, data: LTData = None, model: LiftModel = None, features=None):
+    def __init__(self, cfg: Config, data: LTData, model: LiftModel = None, features=None):
         self.cfg, self.data, self.model, self.features, self.folder = cfg, data, model, features, run_folder(cfg)
-        self.losses, self.total, self.seen, self.lr = [], 0.0, 0, 0.0  # the epoch's loss so far, the step's lr
-        self.saved_at = time.time()  # the last checkpoint's time
-        self.share, self.real, self.micro_left = 1.0, 0, 0  # this process's part of the step, its micro-batches to go
         self.device = torch.device("cpu")
         if model is not None:
             self.device = model.mean.device
+        self.losses, self.total, self.seen = [], 0.0, 0  # per-epoch losses; the epoch's loss sum and images so far
+        self.share, self.real, self.micro_left, self.saved_at = 1.0, 0, 0, time.time()
 
     def start(self, model, opt, sched, scaler) -> tuple:
-        """(the module to train, first epoch, first step of it): where the run folder's checkpoint stopped."""
-        self.device, self.optim = model.mean.device, (opt, sched, scaler)
-        epoch, step = resume(self)
-        if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock starts
-            shares = ShardedBatches(list(range(len(self.data.train))), self.cfg.batch_size)
-            sizes = {n for b in shares for n in self.micro_batches(len(b))}
+        """(the module to train, first epoch, first step of it): 0, 0, or where the run folder's checkpoint stopped
+        (--resume, or --resume auto with a checkpoint), restored exactly."""
+        self.optim, epoch, step = (opt, sched, scaler), 0, 0
+        ckpt = self.folder / "checkpoint.pt"
+        if self.cfg.resume != "no" and ckpt.exists():
+            state = load_checkpoint(ckpt, self.cfg, model, resume=True)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if scaler.is_enabled() and state["scaler"]:  # fp16 only: bf16 and fp32 runs have no scale to restore
+                scaler.load_state_dict(state["scaler"])
+            self.losses, epoch, step = list(state["train_loss"]), state["epoch"], state["step"]
+            if rank() == 0:  # the epoch's loss so far is counted once, by one process
+                self.total, self.seen = state["epoch_loss"]
+            print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg)}")
+        if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock
+            steps = ShardedBatches(list(range(len(self.data.train))), self.cfg.batch_size)
+            sizes = {n for b in steps for n in self.micro_batches(len(b))}
             compile_warmup(model, sizes, autocast_dtype(self.cfg, self.device))
         steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
-        self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl")  # Appendix F
+        self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl", epoch * steps + step)
         forward = model
         if self.features is not None:  # Appendix D: the classifier trains on cached features
             forward = model.head
@@ -2148,7 +1971,8 @@ class Job:
 
     def batches(self, dataset, epoch: int, start: int):
         """The epoch's optimiser steps from step `start` on: batch_size images each, of one permutation seeded by
-        (seed, epoch), as RandomSampler draws it; under torchrun each process loads its share of every step."""
+        (seed, epoch), as RandomSampler draws it; under torchrun each process loads its share of every step. The
+        views come on the device (decoded there from JPEG bytes by --gpu-decode)."""
         seed = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         order, B, workers = torch.randperm(len(dataset), generator=seed).tolist(), self.cfg.batch_size, self.cfg.workers
         if self.features is not None:  # Appendix D: cached features of centre views, no crops
@@ -2159,23 +1983,16 @@ class Job:
         for j, (views, y) in enumerate(self.progress.timed(loader), start):
             self.real, self.share = int((y >= 0).sum()), len(y) / min(B, len(order) - j * B)  # for weighted_sum
             self.micro_left = len(self.micro_batches(len(y)))
-            yield views, y
+            yield self.on_device(views), y
+
+    def on_device(self, views) -> torch.Tensor:
+        if isinstance(views, JpegBatch):
+            return views.decode(self.device)  # Appendix D: --gpu-decode
+        return views.to(self.device, non_blocking=True)
 
     def micro_batches(self, images: int) -> list:
         """The sizes of Part I's micro-batches of a step of `images` images (its chunks for --accum-steps)."""
         return [len(c) for c in torch.arange(images).chunk(self.cfg.accum_steps)]
-
-    def micro_batch_started(self, module, args):  # DDP's forward pre-hook: weighted_sum reduces after the last
-        self.micro_left -= 1
-
-    def in_order(self, dataset, batch_size: int):
-        self.sampler = ShardedBatches(list(range(len(dataset))), batch_size, training=False)
-        dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D
-        workers = self.cfg.workers
-        return Loader(Padded(dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=workers)
-
-    def gather(self, outputs: list, labels: list) -> tuple:
-        return gather_in_order(outputs, labels, self.sampler)  # Appendix F: every process's share, in order
 
     def step_done(self, epoch: int, step: int, loss_sum: torch.Tensor, lr: float):
         """After each optimiser step: the loss (summed on the device), progress, checkpoints, signals. One process
@@ -2200,14 +2017,111 @@ class Job:
         self.save(epoch + 1, 0)
 
     def save(self, epoch: int, step: int):
-        """Checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process."""
-        self.saved_at = time.time()
-        loss_so_far = sum_over_processes(float(self.total), self.seen)  # the epoch's loss so far
+        """Checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process:
+        the tuned parameters, the optimiser, schedule and scaler, where the run is and the epoch's loss so far. No
+        RNG state: training draws its crops and order from generators seeded by (seed, epoch, image)."""
+        self.saved_at, (opt, sched, scaler) = time.time(), self.optim
+        loss_so_far = sum_over_processes(float(self.total), self.seen)
         if rank() == 0:
-            save_checkpoint(self, epoch, step, loss_so_far)
+            state = dict(epoch=epoch, step=step, train_loss=self.losses, epoch_loss=loss_so_far)
+            state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict())
+            save_checkpoint(self.folder / "checkpoint.pt", self.cfg, self.data, self.model, state)
         if processes() > 1:
             torch.distributed.barrier()
 
+    def in_order(self, dataset, batch_size: int):
+        """Evaluation's batches in dataset order, on the device; under torchrun this process's share of each."""
+        self.sampler = ShardedBatches(list(range(len(dataset))), batch_size, training=False)
+        dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D
+        loader = Loader(Padded(dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=self.cfg.workers)
+        for views, y in loader:
+            yield self.on_device(views), y
+
+    def gather(self, outputs: list, labels: list) -> tuple:
+        return gather_in_order(outputs, labels, self.sampler)  # every process's share, in dataset order
+
+
+# Checkpoints: the tuned tensors and the run's config; a run that loads one must be the same model and task
+
+
+def tuned_state(model: nn.Module) -> dict:
+    """What a checkpoint holds of the model: the tuned parameters (and random-mask indices), never frozen CLIP."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.cpu().clone() for n, b in model.named_buffers() if n.endswith(".index")})
+    return state
+
+
+def save_checkpoint(path: Path, cfg: Config, data: LTData, model: LiftModel, state: dict):
+    state = dict(state, config=dataclasses.asdict(cfg), tuned=tuned_state(model), classnames=list(data.classnames))
+    atomic_torch_save(path, dict(state, train_counts=[int(n) for n in data.train_counts]))
+
+
+# flags a resumed run may change: how it runs, not what it computes
+RESUME_MAY_CHANGE = tuple(
+    "resume check workers log_every eval_batch_size device tte expand root splits cache out save_every gpu_decode "
+    "compile".split()
+)
+SAME_MODEL = ("data", "model", "pretrained", "quick_gelu", "tuning")  # what --eval-only and predict must match
+
+
+def load_checkpoint(path, cfg: Config, model: LiftModel, resume: bool = False, copy: bool = True) -> dict:
+    """A checkpoint's state, its tuned tensors copied into the model. It must have been written by a run of the same
+    model and task (and, to resume, of every setting but RESUME_MAY_CHANGE's); a refusal names the settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception as e:  # a truncated file, another program's file, a folder
+        raise LiftError(f"checkpoint {path}: not a lift_plus checkpoint ({str(e).splitlines()[0][:200]})") from None
+    keys = [k for k in dataclasses.asdict(cfg) if k not in RESUME_MAY_CHANGE]
+    if not resume:
+        keys = [*SAME_MODEL, *(["seed"] if cfg.pretrained == "none" else [])]  # random frozen weights: their seed
+    diff = [f"{flag(k)} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff and resume:
+        raise LiftError(
+            f"--resume: {path} was written with other settings ({'; '.join(diff)}); resume with the run's own "
+            "settings, or start a new run with --run-name NAME"
+        )
+    if diff:
+        raise LiftError(f"checkpoint {path} was written by another model or task ({'; '.join(diff)})")
+    own = tuned_state(model)
+    if set(own) != set(state["tuned"]) or any(own[k].shape != state["tuned"][k].shape for k in own):
+        raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
+    if copy:
+        with torch.no_grad():
+            params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+            for k, v in state["tuned"].items():
+                (params[k] if k in params else buffers[k]).copy_(v)
+    return state
+
+
+def checkpoint_place(state: dict, cfg: Config) -> str:
+    """Where a checkpoint stands: 'epoch 5/15', or 'epoch 5/15 + 10 steps' within the next epoch."""
+    if state["step"]:
+        return f"epoch {state['epoch']}/{cfg.epochs} + {state['step']} steps"
+    return f"epoch {state['epoch']}/{cfg.epochs}"
+
+
+def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
+    """results.json (strict JSON: null for a group without test images). A re-evaluation (--eval-only) sits beside
+    the training run's results.json instead of replacing it."""
+    name = "results.json"
+    if cfg.eval_only:
+        name = f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
+        "params": count_params(model),
+        "train_loss": model.train_loss,
+        "classnames": list(data.classnames),
+        "train_counts": [int(n) for n in data.train_counts],
+        "per_class_accuracy": report["per_class"],
+    }
+    atomic_write(run_folder(cfg) / name, json.dumps(results, indent=1, allow_nan=False).encode())
+    print(f"wrote {run_folder(cfg) / name}")
+    release_lock(run_folder(cfg))  # the run is complete
+
+
+# Signals: SLURM, Kubernetes and a terminal send them to every process of the job, DataLoader workers included
 
 STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 75}  # 75: EX_TEMPFAIL, "requeue me"
 
@@ -2236,6 +2150,17 @@ def on_stop_signal(signum, frame):
     if not Stop.in_training:
         raise KeyboardInterrupt
     print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+
+
+def stopped_message(cfg) -> str:
+    """What an interrupted run has saved, read from its checkpoint."""
+    ckpt = None
+    if cfg is not None and not cfg.eval_only:
+        ckpt = run_folder(cfg) / "checkpoint.pt"
+    if ckpt is None or not ckpt.is_file():
+        return "interrupted before any epoch finished: nothing to resume"
+    state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
+    return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
 
 
 def pass_signals_on(worker_id: int):
@@ -2297,282 +2222,236 @@ def lost_worker() -> str | None:
     return None
 
 
-def tuned_state(model: nn.Module) -> dict:
-    """What a checkpoint holds: the tuned parameters (and random-mask indices), never frozen CLIP."""
-    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.cpu().clone() for n, b in model.named_buffers() if n.endswith(".index")})
-    return state
+# torchrun: `torchrun --nproc_per_node N lift_plus.py ...` runs PyTorch's DistributedDataParallel; every optimiser
+# step sees the images and crops of the single-process run, and one process is exactly it.
 
 
-@functools.cache
-def file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """The first 16 hex digits of a file's SHA-256, computed once per version (size, mtime) of the file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def processes() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def weights_identity(cfg: Config) -> str:
-    """What the frozen model is, however the flags spelled it: the resolved open_clip model, its activation,
-    and its weights (the pretrained tag, the SHA-256 of the file, or random weights of the seed)."""
-    name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
-    act = "QuickGELU" if quick_gelu else "GELU"
-    if pretrained is None:
-        return f"{name}, {act}, random weights of seed {cfg.seed}"
-    if tag_cfg:
-        return f"{name}, {act}, pretrained {pretrained}"
-    stat = os.stat(pretrained)
-    return f"{name}, {act}, weights sha256 {file_sha256(os.path.realpath(pretrained), stat.st_size, stat.st_mtime_ns)}"
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def checkpoint_identity(cfg: Config, data: LTData, model: LiftModel) -> dict:
-    """What a checkpoint must agree on with the run that loads it."""
-
-    def digest(xs) -> str:
-        return hashlib.sha1("\n".join(map(str, xs)).encode()).hexdigest()
-
-    return {
-        "model": weights_identity(cfg),
-        "tuning": cfg.tuning,
-        "num_classes": data.num_classes,
-        "classes": digest(data.classnames),
-        "train_counts": digest(data.train_counts),
-        "method": model.sizes,
-    }
-
-
-# flags a resumed run may change (model and pretrained are compared as the weights' identity)
-RESUME_MAY_CHANGE = tuple(
-    "resume check workers log_every eval_batch_size device tte expand root splits cache out model "
-    "pretrained save_every gpu_decode compile".split()
-)
-
-
-def save_checkpoint(job: Job, epoch: int, step: int, loss_so_far: list):
-    """Atomically: the tuned parameters, the optimiser, schedule and scaler, and where the run is. No RNG state:
-    training draws its crops and order from generators seeded by (seed, epoch, image), not from torch's."""
-    cfg, data, model, (opt, sched, scaler) = job.cfg, job.data, job.model, job.optim
-    atomic_torch_save(
-        job.folder / "checkpoint.pt",
-        {
-            "classnames": list(data.classnames),
-            "train_counts": [int(n) for n in data.train_counts],
-            "identity": checkpoint_identity(cfg, data, model),
-            "config": dataclasses.asdict(cfg),
-            "epoch": epoch,
-            "step": step,
-            "train_loss": job.losses,
-            "epoch_loss": loss_so_far,
-            "tuned": tuned_state(model),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-        },
-    )
-
-
-def read_checkpoint(path, cfg: Config, data: LTData, model: LiftModel, copy: bool = True) -> dict:
-    """torch.load with weights_only=True, refusing a checkpoint of another model or task; then the tuned
-    parameters are copied into the model."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LiftError(f"--checkpoint {path}: no such file") from None
-    except Exception as e:
-        raise LiftError(f"checkpoint {path}: cannot be read ({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "identity" not in state or "tuned" not in state:
-        raise LiftError(f"checkpoint {path}: not a lift_plus checkpoint")
-    ours, theirs = checkpoint_identity(cfg, data, model), state["identity"]
-    wrong = [k for k in ours if theirs.get(k) != ours[k]]
-    if wrong:
-        hashed = ("classes", "train_counts")
-
-        def show(v):
-            return ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v
-
-        said = [
-            f"{k}: checkpoint '{show(theirs.get(k))}', this run '{show(ours[k])}'" for k in wrong if k not in hashed
-        ]
-        said += [f"the {k.replace('_', ' ')} differ" for k in hashed if k in wrong]
-        raise LiftError(f"checkpoint {path} does not match this run ({'; '.join(said)})")
-    own, tuned = tuned_state(model), state["tuned"]
-    if set(own) != set(tuned) or any(own[k].shape != tuned[k].shape for k in own):
-        raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
-    if copy:
-        with torch.no_grad():
-            params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-            for k, v in tuned.items():
-                (params[k] if k in params else buffers[k]).copy_(v)
-    return state
-
-
-def check_resume(cfg: Config, state: dict, path: Path):
-    """A resumed run keeps its settings: a changed training flag is refused with the difference (a longer
-    --epochs too: the cosine schedule of the first epochs was set by the old number)."""
-    saved, now = state["config"], dataclasses.asdict(cfg)
-    diff = [
-        f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}"
-        for k in now
-        if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]
-    ]
-    if diff:
-        raise LiftError(
-            f"--resume: {path} was written with other settings ({'; '.join(diff)}); resume with the run's "
-            "own settings, or start a new run with --run-name NAME"
-        )
-
-
-def resume(job: Job) -> tuple:
-    """(first epoch, first step): 0, 0 for a new run, or where the run folder's checkpoint stopped with --resume
-    (or --resume auto and a checkpoint), restored exactly: tuned parameters, optimiser, schedule, scaler and the
-    epoch's loss so far. Also checks that the disk holds two checkpoints (the old one stays until the new
-    one is complete)."""
-    import shutil
-
-    cfg, path, (opt, sched, scaler) = job.cfg, job.folder / "checkpoint.pt", job.optim
-    job.folder.mkdir(parents=True, exist_ok=True)
-    tuned = [p for p in job.model.parameters() if p.requires_grad]
-    need = 2 * sum(2 * p.numel() * p.element_size() for p in tuned) + (1 << 20)  # parameters and momentum, twice
-    free = shutil.disk_usage(job.folder).free
-    if free < need:
-        raise LiftError(f"--out: {job.folder} has {free >> 20} MiB free; a checkpoint needs {need >> 20} MiB")
-    if cfg.resume == "no" or not path.exists():
-        return 0, 0
-    state = read_checkpoint(path, cfg, job.data, job.model)
-    check_resume(cfg, state, path)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state["scaler"]:  # fp16 only: bf16 and fp32 runs have no scale to restore
-        scaler.load_state_dict(state["scaler"])
-    job.losses = list(state["train_loss"])
-    epoch, step = state["epoch"], state.get("step", 0)
-    if rank() == 0:  # the epoch's loss so far is counted once, by one process
-        job.total, job.seen = state.get("epoch_loss", (0.0, 0))
-    print(f"resuming {path} after {checkpoint_place(state, cfg)}")
-    return epoch, step
-
-
-def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
-    """results.json (strict JSON: null for a group without test images). A re-evaluation (--eval-only)
-    sits beside the training run's results.json instead of replacing it."""
+def start_processes(cfg: Config):
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU, and
+    quiet standard output on every process but the first. Returns the device, or None without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if not torch.distributed.is_initialized():
+        # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
+        # process reads the address of a process that died
+        store, r, world = next(torch.distributed.rendezvous("env://"))
+        attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
     if rank() > 0:
-        return
-    name = "results.json"
-    if cfg.eval_only:
-        name = f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
-    results = {
-        "config": dataclasses.asdict(cfg),
-        "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
-        "params": count_params(model),
-        "train_loss": model.train_loss,
-        "classnames": list(data.classnames),
-        "train_counts": [int(n) for n in data.train_counts],
-        "per_class_accuracy": report["per_class"],
-    }
-    atomic_write(run_folder(cfg) / name, json.dumps(results, indent=1, allow_nan=False).encode())
-    print(f"wrote {run_folder(cfg) / name}")
-    release_lock(run_folder(cfg))  # the run is complete
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
-def load_tuned(model: LiftModel, cfg: Config, data: LTData, path) -> list:
-    """--eval-only: the checkpoint's tuned parameters; returns its per-epoch training losses."""
-    return list(read_checkpoint(path, cfg, data, model)["train_loss"])
+class ShardedBatches(torch.utils.data.Sampler):
+    """Batches of the indices `order` (a permutation in training, else in order) from batch `start` on. Under
+    torchrun, process r takes items r, r + W, ... of every batch, so each step sees the images, and the crops,
+    of the single-process run. Items are (index, padding?): in training a shorter share is padded with the batch's
+    first image (Padded gives it the label -100), so that every process runs the same forward and backward passes."""
+
+    def __init__(self, order: list, batch_size: int, start: int = 0, training: bool = True):
+        self.order, self.batch_size, self.start, self.training = order, batch_size, start, training
+
+    def __len__(self):
+        return math.ceil(len(self.order) / self.batch_size) - self.start
+
+    def __iter__(self):
+        for i in range(self.start * self.batch_size, len(self.order), self.batch_size):
+            batch = self.order[i : i + self.batch_size]
+            share = [(i, False) for i in batch[rank() :: processes()]]
+            if self.training:  # every share of a step equally long, so every process runs the same micro-batches
+                share += [(batch[0], True)] * (math.ceil(len(batch) / processes()) - len(share))
+            if share:
+                yield share
 
 
-def fit(cfg: Config) -> tuple:
-    """Build the task and the model, then train it (or, with --eval-only, load --checkpoint): (data, model)."""
-    device = prepare_run(cfg)
-    data = build_data(cfg)
-    print(summarize_data(data, cfg.data))  # Appendix E: counts, groups, notes on the lists
-    model = build_model(cfg, data, device)
-    if cfg.fast:
-        make_fast(model)  # Appendix D: the same values, faster
-    if cfg.compile:
-        model.compile(dynamic=False)  # Appendix D: a static graph per batch size
-    print(describe_tuning(model))
-    if cfg.eval_only and cfg.checkpoint:
-        model.train_loss = load_tuned(model, cfg, data, cfg.checkpoint)  # the identity is checked
-    elif not (cfg.eval_only or cfg.check) and cfg.tuning != "zeroshot":
-        features = None
-        if cfg.cache_features:
-            features = frozen_features(model, data, cfg)  # Appendix D
-        Stop.in_training = True  # a signal stops the run after its step, with a checkpoint
-        try:
-            model.train_loss = train(cfg, data, model, Job(cfg, data, model, features))
-        finally:
-            Stop.in_training = False
-        if sum_over_processes(float(Stop.signum is not None))[0]:  # one that came after the last step
-            Stop.here()
-    return data, model
+class Padded(torch.utils.data.Dataset):
+    """Item (i, padding?) of a dataset: item i, with the label -100 (which the loss ignores) for padding."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, padding = key
+        views, label = self.dataset[i]
+        if padding:
+            label = -100
+        return views, label
 
 
-def run_job(cfg: Config) -> dict:
-    """What main runs for a config: fit, then --check's checks, or the evaluation written to results.json."""
-    data, model = fit(cfg)
-    if cfg.check:
-        return check_inputs(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
-    report = evaluate(cfg, data, model, Job(cfg, data, model))
-    write_results(cfg, data, model, report)
-    return report
+def distributed(module: nn.Module, job: Job):
+    """The module to train: itself in one process; under torchrun DistributedDataParallel, which reduces the
+    gradients once per optimiser step, in its last micro-batch (DDP's no_sync before), with weighted_sum."""
+    if processes() == 1:
+        return module
+    device = next(module.parameters()).device
+    ids = [device] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # constants
+    ddp.register_comm_hook(job, weighted_sum)
+
+    def forward(x):
+        job.micro_left -= 1
+        if job.micro_left > 0:
+            with ddp.no_sync():
+                return ddp(x)
+        return ddp(x)
+
+    return forward
 
 
-def say(message: str):
-    print(message.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
+def weighted_sum(job: Job, bucket):
+    """DDP's gradient reduction. Each process's loss is the mean over its share of the step (padding included), so
+    the exact gradient of the mean over the step's images is the sum over processes of (share / step images) x
+    gradient."""
+    buf = bucket.buffer().mul_(job.share)
+    return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def main(argv=None):
-    """Bad input ends in one line (exit 2); a signal in one line naming what was saved (130 for Ctrl-C, 143 for
-    SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in Python's own
-    traceback."""
-    argv = sys.argv[1:] if argv is None else argv
-    Stop.signum = None
-    for s in STOP_CODES:
-        signal.signal(s, on_stop_signal)
-    cfg = None
+def sum_over_processes(*values: float) -> list:
+    """Each value summed over the processes (the values themselves in one process)."""
+    if processes() == 1:
+        return list(values)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    both = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both)
+    return both.tolist()
+
+
+def gather_in_order(out: list, labels: list, sampler: ShardedBatches) -> tuple:
+    """Each process's outputs and labels put back in dataset order (evaluation): exactly one row per image."""
+    if processes() == 1:
+        return torch.cat(out), torch.cat(labels)
+    shares = [None] * processes()
+    torch.distributed.all_gather_object(shares, (out, labels))  # a process with no images sends two empty lists
+    n, B, W = len(sampler.order), sampler.batch_size, processes()
+    shares = [(torch.cat(o), torch.cat(y)) for o, y in shares if o]
+    outputs, targets = torch.empty(n, *shares[0][0].shape[1:]), torch.empty(n, dtype=torch.long)
+    for r, (o, y) in enumerate(shares):  # process r holds items r, r + W, ... of every batch
+        idx = [i for s in range(0, n, B) for i in range(s, min(s + B, n))[r::W]]
+        outputs[idx], targets[idx] = o, y
+    return outputs, targets
+
+
+class Progress:
+    """A tqdm progress bar over the run's optimiser steps (images per second, time left) with the loss, the lr and
+    the share of time spent waiting for data, refreshed every --log-every steps; a line per epoch in metrics.jsonl."""
+
+    def __init__(self, cfg: Config, steps: int, path: Path, done: int = 0):
+        from tqdm import tqdm
+
+        self.cfg, self.steps, self.path, self.start, self.wait, self.images = cfg, steps, path, time.time(), 0.0, 0
+        B = cfg.batch_size
+        total, done = cfg.epochs * steps * B, done * B
+        self.bar = tqdm(total=total, initial=done, unit="img", unit_scale=True, file=sys.stdout, disable=rank() > 0)
+
+    def timed(self, loader):
+        """The loader's batches, measuring the wait for each."""
+        t = time.time()
+        for views, y in loader:
+            self.wait += time.time() - t
+            self.images += len(y) * processes()
+            yield views, y
+            t = time.time()
+
+    def step(self, epoch: int, step: int, loss, lr: float):
+        if step % self.cfg.log_every and step != self.steps:
+            return
+        self.bar.n = (epoch * self.steps + step) * self.cfg.batch_size
+        wait = 100 * self.wait / (time.time() - self.start)
+        self.bar.set_postfix_str(f"epoch {epoch + 1}, loss {loss():.4f}, lr {lr:.5f}, data wait {wait:.0f}%")
+
+    def epoch_end(self, epoch: int, loss: float, lr: float):
+        seconds = time.time() - self.start
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else peak_rss()
+        line = dict(epoch=epoch + 1, loss=loss, lr=lr, images_per_s=self.images / seconds)
+        line.update(data_wait=self.wait / seconds, epoch_s=seconds, peak_memory_gib=peak / 2**30)
+        if rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self.start, self.wait, self.images = time.time(), 0.0, 0
+        if epoch + 1 == self.cfg.epochs:
+            self.bar.close()
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process (macOS reports bytes, Linux KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def predict_main(argv: list):
+    """python lift_plus.py predict --checkpoint runs/x/checkpoint.pt IMAGES... [--top-k 5] [--out preds.csv]:
+    the top-k classes and probabilities of image files (or folders of them), with the run's test views (TTE)."""
+    p = Parser(prog="lift_plus.py predict", description=predict_main.__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", help="image files, or folders searched at any depth")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by a training run")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--out", default=None, help="a .csv or .json file (default: CSV on standard output)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    a = p.parse_args(argv)
+    if a.top_k < 1:
+        raise LiftError(f"--top-k: expected an integer >= 1, got {a.top_k}")
+    if not Path(a.checkpoint).is_file():
+        raise LiftError(f"--checkpoint {a.checkpoint}: no such file")
     try:
-        if argv[:1] == ["table"]:
-            return table_main(argv[1:])  # Appendix A: the results table
-        if argv[:1] == ["predict"]:
-            return predict_main(argv[1:])  # Appendix F: new images' classes
-        cfg = parse_config(argv)
-        run_job(cfg)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # before the interpreter exits, or its threads may abort it
-    except LiftError as e:  # also raised in a DataLoader worker, which puts its traceback into the message
-        say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
-        sys.exit(2)
-    except KeyboardInterrupt:
-        for s in STOP_CODES:
-            signal.signal(s, signal.SIG_IGN)  # a second signal cannot cut this short
-        if rank() == 0:  # under torchrun, the process that wrote the checkpoint
-            say(f"\n{stopped_message(cfg)}")
-        sys.exit(STOP_CODES[Stop.signum or signal.SIGINT])
-    except Exception:  # a worker's death shows as whatever the main process was doing with it
-        lost = lost_worker()
-        if lost is None:
-            raise
-        say(f"error: {lost}")
-        sys.exit(1)
+        state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+        saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+    except Exception:
+        raise LiftError(f"--checkpoint {a.checkpoint}: not a lift_plus checkpoint with its run's settings") from None
+    prompt = saved["prompt"] if saved["init"] == "semantic" else Config().prompt  # the classifier is the checkpoint's
+    run = dict(resume="no", run_name=None, out=Config().out, device=a.device, workers=a.workers, compile=False)
+    cfg = finalize_config(dataclasses.replace(Config(**saved), **run, eval_only=True, checkpoint=a.checkpoint))
+    cfg = dataclasses.replace(cfg, init="semantic", prompt=prompt)
+    paths = []
+    for item in map(Path, a.images):
+        if not item.exists():
+            raise LiftError(f"{item}: no such file or folder")
+        paths += [str(q) for q in list_images(item, collections.Counter())] if item.is_dir() else [str(item)]
+    if not paths:
+        raise LiftError(f"{', '.join(a.images)}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    data = LTData(ImageSet([], []), ImageSet([], []), state["classnames"], np.asarray(state["train_counts"]))
+    with contextlib.redirect_stdout(sys.stderr):  # standard output is for the predictions
+        model = build_model(cfg, data, prepare_run(cfg))
+    if cfg.fast:
+        make_fast(model)  # Appendix D
+    load_checkpoint(a.checkpoint, cfg, model)
+    views = Views(ImageSet(paths, [0] * len(paths)), test_views(cfg, model.image_size))  # the run's own test views
+    logits, _ = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
+    prob, top = logits.softmax(dim=1).topk(min(a.top_k, data.num_classes), dim=1)  # [N, k]
+    header = ["image"] + [f"{x}_{i + 1}" for i in range(top.shape[1]) for x in ("class", "probability")]
+    rows = [
+        [p] + [v for c, q in zip(t, pr) for v in (data.classnames[c], round(q, 6))]
+        for p, t, pr in zip(paths, top.tolist(), prob.tolist())
+    ]
+    if a.out and a.out.endswith(".json"):
+        items = [
+            {"image": r[0], "top": [{"class": c, "probability": q} for c, q in zip(r[1::2], r[2::2])]} for r in rows
+        ]
+        return atomic_write(Path(a.out), json.dumps(items, indent=1).encode())
+    import csv
 
-
-def stopped_message(cfg) -> str:
-    """What an interrupted run has saved, read from its checkpoint."""
-    ckpt = None
-    if cfg is not None and not cfg.eval_only:
-        ckpt = run_folder(cfg) / "checkpoint.pt"
-    if ckpt is None or not ckpt.is_file():
-        return "interrupted before any epoch finished: nothing to resume"
-    state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
-    return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
-
-
-def checkpoint_place(state: dict, cfg: Config) -> str:
-    """Where a checkpoint stands: 'epoch 5/15', or 'epoch 5/15 + 10 steps' within the next epoch."""
-    if state.get("step"):
-        return f"epoch {state['epoch']}/{cfg.epochs} + {state['step']} steps"
-    return f"epoch {state['epoch']}/{cfg.epochs}"
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    if a.out:
+        return atomic_write(Path(a.out), buf.getvalue().encode())
+    print(buf.getvalue(), end="")
 
 
 if __name__ == "__main__":
