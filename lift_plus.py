@@ -84,10 +84,10 @@ class Config:
     quick_gelu: str = arg("auto", "QuickGELU (OpenAI's CLIP uses it; auto follows the weights)", "auto yes no")
     # sizes of the baselines (Appendix A); each is refused for a method without that part
     blocks: str | None = arg(None, "vision blocks the method acts on, e.g. '0-11' or '8,9,10,11' (default: all)")
-    partial_blocks: int | None = arg(None, "partial: number of last vision blocks to tune (default 1)", low=0)
+    partial_blocks: int = arg(1, "partial: number of last vision blocks to tune", low=0)
     lora_rank: int | None = arg(None, "lora: rank on q and v (default 2**floor(log2(K / 4L)), >= 1)", low=1)
     vpt_len: int | None = arg(None, "vpt: deep prompt length per block (default 2**floor(log2(K / L)), >= 1)", low=1)
-    mask_ratio: float | None = arg(None, "mask: share of each block weight tuned (0.005)", low=0, high=1, open_low=1)
+    mask_ratio: float = arg(0.005, "mask: share of each block weight tuned", low=0, high=1, open_low=True)
     # the run
     data: str = arg("imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt[_wide] or a folder")
     root: str = arg("./data", "dataset root: split-list paths are relative to it; CIFAR-100 is downloaded here")
@@ -108,7 +108,9 @@ class Config:
     workers: int | None = arg(None, "DataLoader worker processes (default min(8, CPUs); 0 for shapes_lt)", low=0)
     fast: bool = arg(True, "Appendix D: class-token-only last block and a leaner QuickGELU (same values)")
     cache_features: bool = arg(False, "Appendix D, --tuning classifier: frozen features of centre views, once (no MDA)")
-    gpu_decode: bool = arg(True, "Appendix D: on a GPU, JPEGs are decoded, cropped and resized there (nvJPEG)")
+    gpu_decode: bool = arg(
+        False, "Appendix D: on a GPU, decode, crop and resize JPEGs there (nvJPEG; not yet measured)"
+    )
     compile: bool = arg(False, "Appendix D: torch.compile the model's forward and backward before training starts")
     seed: int = arg(0, "seed of the model init, the data order and the crops", low=0, high=2**31 - 1)
     log_every: int = arg(50, "print a progress line every this many optimiser steps", low=1)
@@ -1423,66 +1425,60 @@ def check_flags(cfg: Config):
     """Every value in its range, and no flag that this combination would silently ignore."""
     for f in dataclasses.fields(cfg):
         check_value(f, getattr(cfg, f.name))
-    t = cfg.tuning
-    if "{}" not in cfg.prompt:
-        raise LiftError(f"--prompt '{cfg.prompt}': the template needs {{}} where the class name goes")
-    if cfg.batch_size % cfg.accum_steps:
-        raise LiftError(f"--batch-size {cfg.batch_size} is not divisible by --accum-steps {cfg.accum_steps}")
-    needs = dict(
-        adapter_dim="adaptformer adapter",
-        lora_rank="lora",
-        vpt_len="vpt",
-        partial_blocks="partial",
-        mask_ratio="mask",
-        cache_features="classifier",
-    )
-    for name, methods in needs.items():
-        if getattr(cfg, name) not in (None, False) and t not in methods.split():
+    c, d, t = cfg, Config(), cfg.tuning
+    parts = dict(adapter_dim="adaptformer adapter", lora_rank="lora", vpt_len="vpt", partial_blocks="partial")
+    for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
+        if getattr(c, name) != getattr(d, name) and t not in methods.split():
             raise LiftError(f"{flag(name)} applies to --tuning {methods.replace(' ', ' / ')} only, not --tuning {t}")
-    c, d, blocks_why = cfg, Config(), f"--tuning {t} tunes no vision blocks by index"
+    no_blocks = f"--tuning {t} tunes no vision blocks by index"
     if t == "partial":
-        blocks_why += " (use --partial-blocks)"
-    ignored = [  # (flag given, its name, why it would have no effect)
-        (c.blocks is not None and t in ("classifier", "zeroshot", "partial"), "--blocks", blocks_why),
+        no_blocks += " (use --partial-blocks)"
+    refused = [  # (flag, refused?, why)
+        (f"--prompt '{c.prompt}'", "{}" not in c.prompt, "the template needs {} where the class name goes"),
         (
-            t == "zeroshot" and c.init != "semantic",
-            f"--init {c.init}",
-            "zero-shot classifies with the text prompts; drop --init",
+            f"--batch-size {c.batch_size}",
+            c.batch_size % c.accum_steps > 0,
+            f"not divisible by --accum-steps {c.accum_steps}",
         ),
+        ("--blocks", c.blocks is not None and t in ("classifier", "zeroshot", "partial"), no_blocks),
+        (f"--init {c.init}", t == "zeroshot" and c.init != "semantic", "zero-shot classifies with the text prompts"),
         (
-            c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot",
             "--prompt",
+            c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot",
             f"--init {c.init} uses no prompt",
         ),
-        (c.tau != d.tau and c.loss == "ce", "--tau", "--loss ce has no logit adjustment (use --loss la)"),
+        ("--tau", c.tau != d.tau and c.loss == "ce", "--loss ce has no logit adjustment (use --loss la)"),
         (
-            c.min_scale != d.min_scale and c.mda == "max",
             "--min-scale",
+            c.min_scale != d.min_scale and c.mda == "max",
             "--mda max crops the largest square every epoch",
         ),
-        (c.expand is not None and not c.tte, "--expand", "--no-tte resizes to S + S // 7 and takes the centre crop"),
-        (c.splits is not None and c.data not in BENCHMARKS, "--splits", f"--data {c.data} has no split lists"),
-        (c.inat_level != d.inat_level and c.data != "inat2018", "--inat-level", "applies to --data inat2018 only"),
-        (c.eval_split == "val" and c.data not in WORLDS, "--eval-split val", f"--data {c.data} has no val split"),
-        (c.root != d.root and (c.data in WORLDS or os.sep in c.data), "--root", f"--data {c.data} needs no image root"),
-        (c.amp in ("bf16", "fp16") and c.device == "cpu", f"--amp {c.amp}", "mixed precision runs on GPUs only"),
+        ("--expand", c.expand is not None and not c.tte, "--no-tte resizes to S + S // 7 and takes the centre crop"),
+        ("--splits", c.splits is not None and c.data not in BENCHMARKS, f"--data {c.data} has no split lists"),
+        ("--inat-level", c.inat_level != d.inat_level and c.data != "inat2018", "applies to --data inat2018 only"),
+        ("--eval-split val", c.eval_split == "val" and c.data not in WORLDS, f"--data {c.data} has no val split"),
+        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no image root"),
+        (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
         (
-            c.checkpoint is not None and not c.eval_only,
             "--checkpoint",
-            "it is read by --eval-only only; to continue a training run use --resume",
+            c.checkpoint and not c.eval_only,
+            "read by --eval-only only; to continue a training run use --resume",
         ),
-        (c.eval_only and c.resume != "no", "--resume", "--eval-only trains nothing to continue"),
+        ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
         (
-            c.eval_only and c.checkpoint and (c.run_name is not None or c.out != d.out),
             "--out / --run-name",
+            c.eval_only and c.checkpoint and (c.run_name or c.out != d.out),
             "--eval-only writes its results beside --checkpoint",
         ),
+        (
+            "--eval-only",
+            c.eval_only and not c.checkpoint and t != "zeroshot",
+            "needs --checkpoint FILE (only --tuning zeroshot evaluates without one)",
+        ),
     ]
-    for given, name, why in ignored:
+    for name, given, why in refused:
         if given:
             raise LiftError(f"{name}: {why}")
-    if cfg.eval_only and cfg.checkpoint is None and t != "zeroshot":
-        raise LiftError("--eval-only needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
 
 
 def check_vit(visual, cfg: Config):
@@ -1811,8 +1807,6 @@ def finalize_config(cfg: Config) -> Config:
     derived = dict(
         epochs=15 if cfg.data in ("inat2018", *WORLDS) else 5,
         lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
-        partial_blocks=1 if t == "partial" else None,
-        mask_ratio=0.005 if t == "mask" else None,
         workers=0 if cfg.data in WORLDS else min(8, os.cpu_count() or 1),  # the world: 32 px, in memory
     )
     if cfg.expand is None:
@@ -1947,6 +1941,7 @@ class Job:
         """(the module to train, first epoch, first step of it): 0, 0, or where the run folder's checkpoint stopped
         (--resume, or --resume auto with a checkpoint), restored exactly."""
         self.optim, epoch, step = (opt, sched, scaler), 0, 0
+        self.folder.mkdir(parents=True, exist_ok=True)
         ckpt = self.folder / "checkpoint.pt"
         if self.cfg.resume != "no" and ckpt.exists():
             state = load_checkpoint(ckpt, self.cfg, model, resume=True)

@@ -677,7 +677,7 @@ def test_accuracy_report_by_hand():
             ["--data", "cifar100_ir100", "--eval-split", "val"],
             r"--eval-split val: --data cifar100_ir100 has no val split",
         ),
-        (["--batch-size", "128", "--accum-steps", "3"], r"--batch-size 128 is not divisible by --accum-steps 3"),
+        (["--batch-size", "128", "--accum-steps", "3"], r"--batch-size 128: not divisible by --accum-steps 3"),
         (["--data", "{folder}", "--model", "ViT-Q-99"], r"--model ViT-Q-99: unknown open_clip model"),
         (
             ["--data", "{folder}", "--model", "{rn}", "--pretrained", "none"],
@@ -743,7 +743,7 @@ def test_method_sizes_on_vit_b16(vit_b16, tuning):
     """Parameter counts on ViT-B/16 with 1000 classes, from the size rules (reference computation)."""
     D, L, K = 768, 12, 1000
     cfg = lp.finalize_config(
-        lp.Config(data="imagenet_lt", tuning=tuning, partial_blocks=3 if tuning == "partial" else None)
+        lp.Config(data="imagenet_lt", tuning=tuning, partial_blocks=3 if tuning == "partial" else 1)
     )
     model = lp.LiftModel(copy.deepcopy(vit_b16), (0.5,) * 3, (0.5,) * 3, K, 25.0)
     lp.configure_tuning(model, cfg, K)
@@ -1366,10 +1366,7 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
         (dict(prompt="a photo"), r"--prompt 'a photo': the template needs \{\} where the class name goes"),
         (dict(lora_rank=4), "--lora-rank applies to --tuning lora only, not --tuning adaptformer"),
         (dict(tuning="adaptformer", cache_features=True), "--cache-features applies to --tuning classifier only"),
-        (
-            dict(checkpoint="x.pt"),
-            "--checkpoint: it is read by --eval-only only; to continue a training run use --resume",
-        ),
+        (dict(checkpoint="x.pt"), "--checkpoint: read by --eval-only only; to continue a training run use --resume"),
         (dict(loss="ce", tau=2.0), r"--tau: --loss ce has no logit adjustment \(use --loss la\)"),
         (dict(tte=False, expand=8), "--expand: --no-tte resizes to S \\+ S // 7 and takes the centre crop"),
         (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square every epoch"),
@@ -1384,7 +1381,7 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
         (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no image root"),
         (dict(tuning="classifier", blocks="0-3"), "--blocks: --tuning classifier tunes no vision blocks by index"),
         (dict(seed=-1), "--seed: expected an integer in \\[0, 2147483647\\], got -1"),
-        (dict(eval_only=True), r"--eval-only needs --checkpoint FILE"),
+        (dict(eval_only=True), r"--eval-only: needs --checkpoint FILE"),
         (dict(tuning="zeroshot", init="class_mean"), "--init class_mean: zero-shot classifies with the text prompts"),
     ],
 )
