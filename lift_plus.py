@@ -139,6 +139,21 @@ class LTData:
         return len(self.classnames)
 
 
+class ImageSet(torch.utils.data.Dataset):
+    """Labelled images: file paths read lazily (Appendix E's read_image), or a uint8 array [N, H, W, 3] in memory."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i) -> torch.Tensor:  # -> RGB uint8 [3, H, W]
+        if isinstance(self.images, np.ndarray):
+            return torch.from_numpy(self.images[i]).permute(2, 0, 1)
+        return read_image(self.images[i])
+
+
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
 WORLDS = ("shapes_lt", "shapes_lt_wide")  # the offline world, and its variant with wide classes
 
@@ -1264,36 +1279,6 @@ def autocast_dtype(cfg: Config, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
-def decode_jpeg_fast(raw: bytes):
-    """A JPEG decoded by TorchCodec's libjpeg-turbo into uint8 [3, H, W]: PIL's pixels, about 1.4x faster. None,
-    and PIL reads the file, for any other file, a JPEG it cannot decode, one with an EXIF rotation (TorchCodec
-    applies it; PIL and the LIFT+ code do not), or where TorchCodec does not load (a CPU-only torch build)."""
-    decode = torchcodec_jpeg()
-    if raw[:2] != b"\xff\xd8" or decode is None:
-        return None
-    if b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw))):
-        return None
-    try:
-        return decode(raw, mode="RGB")
-    except (RuntimeError, ValueError):
-        return None
-
-
-def exif_rotated(im: Image.Image) -> bool:
-    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
-    return im.getexif().get(0x0112, 1) != 1
-
-
-@functools.cache
-def torchcodec_jpeg():
-    try:
-        from torchcodec.decoders import decode_jpeg
-
-        return decode_jpeg
-    except (ImportError, OSError):
-        return None
-
-
 def frozen_features(model: LiftModel, data: LTData, cfg: Config) -> tuple:
     """--cache-features: with a frozen backbone (--tuning classifier) the features of fixed centre views are
     computed once, and only the classifier trains on them (no MDA crops)."""
@@ -1503,155 +1488,141 @@ def check_vit(visual, cfg: Config):
         )
 
 
-class ImageSet(torch.utils.data.Dataset):
-    """Labelled images: file paths read lazily, or a uint8 array [N, H, W, 3] in memory (CIFAR, the world)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, list(labels)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i) -> torch.Tensor:  # -> RGB uint8 [3, H, W]
-        if isinstance(self.images, np.ndarray):
-            return torch.from_numpy(self.images[i]).permute(2, 0, 1)
-        return read_image(self.images[i])
-
-
 def read_image(path) -> torch.Tensor:
-    """Decode an image file to RGB uint8 [3, H, W], naming the file if it cannot."""
+    """RGB uint8 [3, H, W] of an image file as torchvision's and the LIFT+ code's loaders read it (PIL's convert('RGB'):
+    no EXIF rotation, the first frame, alpha dropped), but 16-bit samples scaled to 8 bits (convert clips them) and
+    32-bit or float samples refused. JPEGs go through TorchCodec where it loads: PIL's pixels, about 1.4x faster."""
     try:
-        return decode_image(Path(path).read_bytes())  # Appendix E: TorchCodec for JPEGs, PIL for any image mode
+        raw = Path(path).read_bytes()
+        im = Image.open(io.BytesIO(raw))  # reads the header only
+        if raw[:2] == b"\xff\xd8" and torchcodec_jpeg() is not None and not exif_rotated(im):
+            try:
+                return torchcodec_jpeg()(raw, mode="RGB")
+            except (RuntimeError, ValueError):
+                pass  # a JPEG TorchCodec refuses: PIL reads it
+        im.load()  # a truncated file fails here
+        if im.mode in ("I", "F"):
+            kind = "32-bit integer" if im.mode == "I" else "floating-point"
+            raise ValueError(f"{kind} samples have no 8-bit range; convert the file to an 8-bit image")
+        if im.mode.startswith("I;16"):
+            grey = (np.asarray(im, dtype=np.uint32) * 255 + 32767) // 65535  # [H, W]: 0..65535 to 0..255
+            return torch.from_numpy(grey.astype(np.uint8)).repeat(3, 1, 1)
+        if im.mode in ("P", "PA"):
+            im = im.convert("RGBA")  # palette transparency, without PIL's warning
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LiftError(f"cannot read image {path}: {e}") from None
 
 
-def decode_image(raw: bytes) -> torch.Tensor:
-    """RGB uint8 [3, H, W] of an image file's bytes: JPEGs by TorchCodec (Appendix D), any other file by PIL."""
-    img = decode_jpeg_fast(raw)
-    if img is None:
-        img = torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
-    return img
+def exif_rotated(im: Image.Image) -> bool:
+    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
+    return im.getexif().get(0x0112, 1) != 1
 
 
-def to_rgb_array(im: Image.Image) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an opened image: PIL's convert('RGB'), as torchvision's and the LIFT+ code's
-    loaders (alpha dropped, no EXIF rotation, the first frame of an animation), except where it is
-    wrong: 16-bit samples are scaled to 8 bits (convert clips them at 255). Samples of 32-bit integers
-    or floats have no 8-bit range: refused."""
-    im.load()  # a truncated file fails here
-    if im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.uint32)  # [H, W] in 0..65535
-        return np.repeat(((a * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
-    if im.mode in ("I", "F"):
-        kind = "32-bit integer" if im.mode == "I" else "floating-point"
-        raise ValueError(f"{kind} samples have no 8-bit range; convert the file to an 8-bit image")
-    if im.mode in ("P", "PA"):
-        im = im.convert("RGBA")  # palette transparency, without PIL's warning
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+@functools.cache
+def torchcodec_jpeg():
+    """TorchCodec's decode_jpeg (libjpeg-turbo on the CPU, nvJPEG on a GPU), or None where it does not load."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError):
+        return None
+    return decode_jpeg
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
-def entries(folder: Path, notes: collections.Counter) -> tuple:
-    """(sub-folders, image files) of a folder, sorted; hidden and tool entries (.*, __MACOSX) and files
-    without an image extension are skipped and counted in notes."""
-    dirs, files = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name == "__MACOSX":
+def hidden(name: str) -> bool:
+    """Hidden and tool entries (.DS_Store, .ipynb_checkpoints, __MACOSX): neither classes nor images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def image_filter(folder, notes: collections.Counter):
+    """make_dataset's is_valid_file for the files under `folder`: image files, each real folder once (symbolic links
+    are followed; one back up the tree is read once); hidden entries and other files are counted in notes."""
+    realpath, first = functools.cache(os.path.realpath), {}
+
+    def is_image(path: str) -> bool:
+        where = os.path.dirname(path)
+        if first.setdefault(realpath(where), where) != where:
+            return False  # a folder read already, reached again through a link
+        if any(hidden(part) for part in os.path.relpath(path, folder).split(os.sep)):
             notes["hidden or tool entries"] += 1
-        elif p.is_dir():
-            dirs.append(p)
-        elif p.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(p)
-        else:
+            return False
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
             notes["files without an image extension"] += 1
-    return dirs, files
+            return False
+        return True
+
+    return is_image
 
 
-def list_images(folder: Path, notes: collections.Counter) -> list:
-    """The image files under a class folder at any depth (as torchvision's ImageFolder), sorted; symbolic
-    links are followed, each real folder once."""
-    found, seen, stack = [], set(), [folder]
-    while stack:
-        d = stack.pop()
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            dirs, files = entries(d, notes)
-            stack += dirs
-            found += files
+def image_files(folder) -> list:
+    """The image files under a folder at any depth, sorted, found as build_folder finds a class's (for predict)."""
+    is_image, found = image_filter(folder, collections.Counter()), []
+    for where, _, names in os.walk(folder, followlinks=True):
+        found += [path for path in (os.path.join(where, name) for name in names) if is_image(path)]
     return sorted(found)
 
 
 def build_folder(cfg: Config) -> LTData:
-    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/...; the class is the folder name."""
+    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/..., images at any depth under their class
+    folder (torchvision's make_dataset); the classes are the training folder's sub-folders."""
+    from torchvision.datasets.folder import make_dataset
+
     root = Path(cfg.data)
-    if not root.is_dir():
-        if os.sep in cfg.data:
-            raise LiftError(f"--data {cfg.data}: no such folder")
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
         known = ", ".join([*BENCHMARKS, *CIFAR100_LT, *WORLDS])
-        raise LiftError(
-            f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/"
-        )
+        raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected {known} or a folder with train/ and test/")
+    notes, index, sets = collections.Counter(), {}, {}
     for split in ("train", "test"):
-        if not (root / split).is_dir():
+        top = list(os.scandir(root / split))
+        notes["hidden or tool entries"] += sum(hidden(e.name) for e in top)
+        notes["files outside class folders"] += sum(not (hidden(e.name) or e.is_dir()) for e in top)
+        classes = sorted(e.name for e in top if e.is_dir() and not hidden(e.name))
+        if split == "train":
+            index = {c: i for i, c in enumerate(classes)}
+        samples = []
+        for c in classes:
+            if c not in index:
+                raise LiftError(f"{root / split / c}: class '{c}' has no training folder {root / 'train' / c}")
+            try:
+                c.encode("utf-8")  # class names become text prompts
+            except UnicodeEncodeError:
+                raise LiftError(
+                    f"{root / split}: the class folder name {os.fsencode(c)!r} is not UTF-8; rename it"
+                ) from None
+            is_image = image_filter(root / split / c, notes)
+            samples += make_dataset(root / split, {c: index[c]}, is_valid_file=is_image, allow_empty=True)
+        if not samples:
             raise LiftError(
-                f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
-                f"{root / split} is missing"
+                f"{root / split}: no images in class folders (files ending in {', '.join(IMAGE_EXTENSIONS)})"
             )
-    notes, sets = collections.Counter(), {}
-    classnames = [d.name for d in entries(root / "train", collections.Counter())[0]]
-    if not classnames:
-        raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
-    for name in classnames:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise LiftError(
-                f"{root / 'train'}: the class folder name {name.encode('utf-8', 'surrogateescape')!r} "
-                "is not UTF-8; rename it (class names become text prompts)"
-            ) from None
-    index = {c: i for i, c in enumerate(classnames)}
-    for split in ("train", "test"):
-        paths, labels = [], []
-        dirs, loose = entries(root / split, notes)
-        notes["images outside class folders skipped"] += len(loose)
-        for d in dirs:
-            if d.name not in index:
-                raise LiftError(f"{d}: class '{d.name}' has no training folder {root / 'train' / d.name}")
-            files = list_images(d, notes)
-            paths += [str(p) for p in files]
-            labels += [index[d.name]] * len(files)
-        if not paths:
-            raise LiftError(f"{root / split}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-        sets[split] = ImageSet(paths, labels)
-    counts = np.bincount(sets["train"].labels, minlength=len(classnames))
+        sets[split] = ImageSet([path for path, _ in samples], [y for _, y in samples])
+    counts = np.bincount(sets["train"].labels, minlength=len(index))
     if (counts == 0).any():
-        empty = ", ".join(np.asarray(classnames)[counts == 0][:5])
-        raise LiftError(f"{root / 'train'}: class folders without images: {empty}")
-    said = [f"{n} {what}" if "skipped" in what else f"{n} {what} skipped" for what, n in sorted(notes.items()) if n]
-    return LTData(sets["train"], sets["test"], classnames, counts, said)
+        raise LiftError(
+            f"{root / 'train'}: class folders without images: {', '.join(np.array(list(index))[counts == 0][:5])}"
+        )
+    said = [f"{n} {what} skipped" for what, n in sorted(notes.items()) if n]
+    return LTData(sets["train"], sets["test"], list(index), counts, said)
 
 
 def audit(data: LTData) -> list:
-    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both
-    splits, classes without test or training images. An image listed under two labels is refused."""
-    notes, seen = list(data.notes), {}
+    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both splits,
+    classes without test or training images. An image listed under two labels is refused."""
+    notes, seen = list(data.notes), {"train": {}, "test": {}}
     for split, images in (("train", data.train), ("test", data.test)):
         if not isinstance(images.images, list):
-            continue
-        first = {}
+            continue  # arrays in memory: no file listed twice
         for path, y in zip(images.images, images.labels):
-            if first.setdefault(path, y) != y:
-                raise LiftError(f"{split} image {path} is listed under two labels, {first[path]} and {y}")
-        seen[split] = first
-        repeats = len(images.images) - len(first)
-        if repeats:
+            if seen[split].setdefault(path, y) != y:
+                raise LiftError(f"{split} image {path} is listed under two labels, {seen[split][path]} and {y}")
+        if repeats := len(images) - len(seen[split]):
             notes.append(
                 f"{repeats} {split} entries repeat an earlier entry of the same image and label (kept, as listed)"
             )
-    if len(seen) == 2 and (both := len(seen["train"].keys() & seen["test"].keys())):
+    if both := len(seen["train"].keys() & seen["test"].keys()):
         notes.append(f"{both} test images are also training images")
     tested = np.bincount(data.test.labels, minlength=data.num_classes)
     if n := int(((tested == 0) & (data.train_counts > 0)).sum()):
@@ -1951,11 +1922,11 @@ def predict_main(argv: list):
     )
     if a.top_k < 1:
         raise LiftError(f"--top-k: expected an integer >= 1, got {a.top_k}")
-    notes, paths = collections.Counter(), []
+    paths = []
     for item in map(Path, a.images):
         if not item.exists():
             raise LiftError(f"{item}: no such file or folder")
-        paths += [str(q) for q in (list_images(item, notes) if item.is_dir() else [item])]
+        paths += image_files(item) if item.is_dir() else [str(item)]
     if not paths:
         raise LiftError(f"{', '.join(a.images)}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
     data = LTData(ImageSet([], []), ImageSet([], []), state["classnames"], np.asarray(state["train_counts"]))
