@@ -1299,16 +1299,19 @@ def compile_warmup(model: LiftModel, sizes: set, dtype):
 
 
 def gpu_jpeg_views(dataset, cfg: Config, device) -> tuple:
-    """(dataset, collate_fn) for a DataLoader. --gpu-decode: 8 CPU workers decode and resize about 1,500 images/s,
-    under a GPU's training rate, so on a GPU Views of JPEG files become JpegViews: workers read bytes and compute the
-    boxes, the GPU decodes (nvJPEG), crops and resizes. Anything else (arrays in memory, other files, a CPU) stays."""
-    base = getattr(dataset, "base", None)
-    chosen = cfg.gpu_decode and device.type == "cuda" and isinstance(dataset, Views) and isinstance(base, ImageSet)
-    chosen = chosen and isinstance(dataset.transform, (MDATransform, EvalTransform)) and isinstance(base.images, list)
-    if not (chosen and any(str(p).lower().endswith((".jpg", ".jpeg")) for p in base.images)):
-        return dataset, None
-    jpegs = JpegViews(base, dataset.transform, dataset.indices)
-    return jpegs, jpegs.collate
+    """(dataset, collate_fn) for a DataLoader. --gpu-decode, on a GPU: Views of JPEG files become JpegViews, whose
+    workers read the bytes and compute the boxes, and whose batches the GPU decodes, crops and resizes
+    (JpegBatch.decode). Anything else (arrays in memory, no JPEG, cached features, a CPU) stays as it is."""
+    if (
+        cfg.gpu_decode
+        and device.type == "cuda"
+        and isinstance(dataset, Views)
+        and isinstance(dataset.base.images, list)
+    ):
+        if any(path.lower().endswith((".jpg", ".jpeg")) for path in dataset.base.images):
+            jpegs = JpegViews(dataset.base, dataset.transform, dataset.indices)
+            return jpegs, jpegs.collate
+    return dataset, None
 
 
 class JpegViews(Views):
@@ -1320,10 +1323,11 @@ class JpegViews(Views):
         try:
             raw = Path(self.base.images[j]).read_bytes()
             im = Image.open(io.BytesIO(raw))  # reads the header only
-            if im.format != "JPEG" or im.mode not in ("RGB", "L") or exif_rotated(im):
-                return super().__getitem__(i)
+            on_gpu = im.format == "JPEG" and im.mode in ("RGB", "L") and not exif_rotated(im)
         except (OSError, ValueError, Image.DecompressionBombError):
-            return super().__getitem__(i)  # read_image names the file
+            on_gpu = False  # Views' item: read_image names the file
+        if not on_gpu:
+            return super().__getitem__(i)
         if isinstance(t, MDATransform):
             top, left, side = t.box(im.height, im.width, j)
             geometry = (top, left, side, side), (t.size, t.size), [(0, 0)]
@@ -1341,38 +1345,34 @@ class JpegBatch:
 
     def __init__(self, items: list, size: int):
         raw = b"".join(x[0] for x in items if isinstance(x, tuple))
-        self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else None
+        self.data = torch.from_numpy(np.frombuffer(bytearray(raw), dtype=np.uint8))
         self.items, self.size = [(len(x[0]), *x[1:]) if isinstance(x, tuple) else x for x in items], size
 
-    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
-        """The uint8 views [B, V, 3, S, S]: decoded on `device` in one call, cropped and resized as resize_bicubic."""
-        S, jpegs = self.size, [item for item in self.items if isinstance(item, tuple)]
-        data = self.data.split([n for n, *_ in jpegs]) if jpegs else []
-        V = len(jpegs[0][4]) if jpegs else len(self.items[0])
-        out = torch.empty(len(self.items), V, 3, S, S, device=device)
-        decoded = iter(decode_jpegs(data, [path for _, path, *_ in jpegs], device))
-        for k, item in enumerate(self.items):
-            if not isinstance(item, tuple):  # decoded on the CPU by a worker
-                out[k] = item.to(device, non_blocking=non_blocking)
-                continue
-            (top, left, h, w), size, corners = item[2:]
-            img = next(decoded)[None, :, top : top + h, left : left + w].float()  # float: CUDA's bicubic has no uint8
-            img = F.interpolate(img, size, mode="bicubic", antialias=True)[0]
-            out[k] = torch.stack([img[:, y : y + S, x : x + S] for y, x in corners])
-        return out.round_().clamp_(0, 255).to(torch.uint8)  # [B, V, 3, S, S]
+    def decode(self, device) -> torch.Tensor:
+        """The uint8 views [B, V, 3, S, S] on `device`: the JPEGs decoded there in one call (TorchCodec's decoder, or
+        where it does not load or refuses, torchvision's; else read_image), cropped and resized as resize_bicubic."""
+        from torchvision.io import decode_jpeg
 
-
-def decode_jpegs(data: list, paths: list, device) -> list:
-    """RGB uint8 [3, H, W] on `device` of JPEG bytes, in one call of TorchCodec's decode_jpeg, or where it does not
-    load (the H200's torch 2.11) or refuses, torchvision's (the same nvJPEG); else read on the CPU."""
-    from torchvision.io import decode_jpeg
-
-    for decode in [d for d in (torchcodec_jpeg(), decode_jpeg) if d is not None]:
-        try:
-            return decode(list(data), mode="RGB", device=device) if data else []
-        except (RuntimeError, ValueError):
-            continue
-    return [read_image(path).to(device) for path in paths]
+        jpegs = [item for item in self.items if isinstance(item, tuple)]
+        data, images = list(self.data.split([n for n, *_ in jpegs])), None
+        for decoder in (torchcodec_jpeg(), decode_jpeg):
+            if images is None and decoder is not None and data:
+                try:
+                    images = decoder(data, mode="RGB", device=device)
+                except (RuntimeError, ValueError):
+                    pass  # refused: the next decoder
+        if images is None:
+            images = [read_image(path).to(device) for _, path, *_ in jpegs]
+        S, decoded, views = self.size, iter(images), []
+        for item in self.items:
+            if isinstance(item, tuple):
+                (top, left, h, w), size, corners = item[2:]
+                img = next(decoded)[None, :, top : top + h, left : left + w].float()  # CUDA's bicubic has no uint8
+                img = F.interpolate(img, size, mode="bicubic", antialias=True)[0].round_().clamp_(0, 255)
+                views.append(torch.stack([img[:, y : y + S, x : x + S] for y, x in corners]).to(torch.uint8))
+            else:
+                views.append(item.to(device))  # decoded on the CPU by a worker
+        return torch.stack(views)  # [B, V, 3, S, S]
 
 
 # ==========================================================================================
@@ -1589,21 +1589,15 @@ def build_folder(cfg: Config) -> LTData:
             try:
                 c.encode("utf-8")  # class names become text prompts
             except UnicodeEncodeError:
-                raise LiftError(
-                    f"{root / split}: the class folder name {os.fsencode(c)!r} is not UTF-8; rename it"
-                ) from None
+                raise LiftError(f"{root / split}: class folder {os.fsencode(c)!r} is not UTF-8; rename it") from None
             is_image = image_filter(root / split / c, notes)
             samples += make_dataset(root / split, {c: index[c]}, is_valid_file=is_image, allow_empty=True)
         if not samples:
-            raise LiftError(
-                f"{root / split}: no images in class folders (files ending in {', '.join(IMAGE_EXTENSIONS)})"
-            )
+            raise LiftError(f"{root / split}: no images ({' '.join(IMAGE_EXTENSIONS)} files) in class folders")
         sets[split] = ImageSet([path for path, _ in samples], [y for _, y in samples])
     counts = np.bincount(sets["train"].labels, minlength=len(index))
-    if (counts == 0).any():
-        raise LiftError(
-            f"{root / 'train'}: class folders without images: {', '.join(np.array(list(index))[counts == 0][:5])}"
-        )
+    if empty := [c for c, n in zip(index, counts) if n == 0]:
+        raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(empty[:5])}")
     said = [f"{n} {what} skipped" for what, n in sorted(notes.items()) if n]
     return LTData(sets["train"], sets["test"], list(index), counts, said)
 

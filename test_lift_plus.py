@@ -1299,7 +1299,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
 
     for decoder in (counted, None):  # TorchCodec's decoder, then torchvision's
         monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: decoder)
-        out = batch.to("cpu")
+        out = batch.decode("cpu")
         assert out.shape == ref.shape and out.dtype == torch.uint8
         diff = (out.int() - ref.int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.3, (decoder, diff.max(), diff.float().mean())
@@ -1308,7 +1308,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
     loader = torch.utils.data.DataLoader(
         lp.Padded(gpu), batch_sampler=lp.ShardedBatches(list(range(len(gpu))), 4), num_workers=2, collate_fn=collate
     )
-    assert torch.equal(torch.cat([b.to("cpu", non_blocking=True) for b, _ in loader]), out)
+    assert torch.equal(torch.cat([b.decode("cpu") for b, _ in loader]), out)
 
     def refused(data, **kw):
         refusals.append(len(data))
@@ -1319,9 +1319,9 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
     refusals = []
     monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: refused)
     monkeypatch.setattr(tvio, "decode_jpeg", lambda data, **kw: real(data, **kw) if refusals else refused(data))
-    assert torch.equal(batch.to("cpu"), out) and refusals == [4]  # TorchCodec refuses: torchvision decodes
+    assert torch.equal(batch.decode("cpu"), out) and refusals == [4]  # TorchCodec refuses: torchvision decodes
     monkeypatch.setattr(tvio, "decode_jpeg", refused)
-    assert torch.equal(batch.to("cpu"), out)  # both refuse: read_image (PIL), the same resize
+    assert torch.equal(batch.decode("cpu"), out)  # both refuse: read_image (PIL), the same resize
     assert refusals[:3] == [4, 4, 4]  # (then read_image's own TorchCodec call refuses)
 
 
