@@ -131,7 +131,7 @@ class LTData:
     test: torch.utils.data.Dataset
     classnames: list
     train_counts: np.ndarray  # [K] training images per class
-    notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's ImageSet, folders)
+    notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's folders)
     val: torch.utils.data.Dataset | None = None  # a validation split, from the test distribution (the world's)
 
     @property
@@ -1376,10 +1376,10 @@ class JpegBatch:
 
 
 # ==========================================================================================
-# APPENDIX E. Reliability: every flag and input checked, your own image folders, atomic files
-# Plugs into Part I at build_data (build_folder); every task's images are an ImageSet, read by read_image; load_clip
-# calls check_vit; Part II runs check_flags, summarize_data, describe_tuning and check_inputs. Bad input ends in one
-# line that names the flag or file.
+# APPENDIX E. Your own image folders and image files; input checks
+# Plugs into Part I at build_data (build_folder) and ImageSet (read_image); predict lists folders with image_files;
+# load_clip calls check_vit; Part II runs check_flags, summarize_data, describe_tuning and check_inputs. Bad input ends
+# in one line that names the flag or file.
 
 
 def flag(name: str) -> str:
@@ -1558,11 +1558,11 @@ def image_filter(folder, notes: collections.Counter):
 
 
 def image_files(folder) -> list:
-    """The image files under a folder at any depth, sorted, found as build_folder finds a class's (for predict)."""
+    """The image files under a folder at any depth, listed as make_dataset lists a class folder (for predict)."""
     is_image, found = image_filter(folder, collections.Counter()), []
-    for where, _, names in os.walk(folder, followlinks=True):
-        found += [path for path in (os.path.join(where, name) for name in names) if is_image(path)]
-    return sorted(found)
+    for where, _, names in sorted(os.walk(folder, followlinks=True)):  # in make_dataset's order
+        found += [path for path in (os.path.join(where, name) for name in sorted(names)) if is_image(path)]
+    return found
 
 
 def build_folder(cfg: Config) -> LTData:

@@ -1522,6 +1522,7 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
     (root / "train" / "class_1" / "notes.txt").write_text("not an image")
     (root / "train" / "class_1" / "link.png").symlink_to(root / "train" / "class_1" / "0.png")
     (root / "train" / "class_1" / "loop").symlink_to(root / "train" / "class_1")  # a folder link back: followed once
+    (root / "train" / "loose.png").write_bytes((root / "train" / "class_1" / "0.png").read_bytes())  # not in a class
     odd = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
     (root / "train" / "class_1" / "1.png").rename(root / "train" / "class_1" / odd)
     data = lp.build_data(make_cfg(configs, data=str(root)))
@@ -1532,13 +1533,26 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
     assert "note: 1 files without an image extension skipped" in summary
     assert "note: 4 hidden or tool entries skipped" in summary  # .ipynb_checkpoints, __MACOSX, .cache, .DS_Store
     assert "note: 1 classes have no test image (no accuracy for them; left out of the group means)" in summary
+    assert "note: 1 files outside class folders skipped" in summary
+    class_1 = [path for path, y in zip(data.train.images, data.train.labels) if y == 1]
+    assert lp.image_files(root / "train" / "class_1") == class_1  # predict lists a folder as a class folder
     os.mkdir(root / "test" / "class_9")
     with pytest.raises(lp.LiftError, match=r"class 'class_9' has no training folder"):
         lp.build_data(make_cfg(configs, data=str(root)))
     os.rmdir(root / "test" / "class_9")
-    os.mkdir(root / "train" / os.fsdecode(b"r\xe9sum\xe9"))
+    os.mkdir(root / "train" / "class_2")
+    (root / "train" / "class_2" / "notes.txt").write_text("not an image")
+    with pytest.raises(lp.LiftError, match=r"train: class folders without images: class_2$"):
+        lp.build_data(make_cfg(configs, data=str(root)))
+    os.rename(root / "train" / "class_2", root / "train" / os.fsdecode(b"r\xe9sum\xe9"))
     with pytest.raises(lp.LiftError, match=r"is not UTF-8; rename it"):
         lp.build_data(make_cfg(configs, data=str(root)))
+    with pytest.raises(lp.LiftError, match=r"--data: unknown dataset '.*train'; expected .* a folder with train/"):
+        lp.build_data(make_cfg(configs, data=str(root / "train")))  # no train/ and test/ inside
+    write_images(tmp_path / "bare" / "train", [1], seed=0)
+    (tmp_path / "bare" / "test" / "class_0").mkdir(parents=True)
+    with pytest.raises(lp.LiftError, match=r"test: no images \(\.jpg .*\) in class folders"):
+        lp.build_data(make_cfg(configs, data=str(tmp_path / "bare")))
 
 
 def test_split_list_repeats_and_conflicts(tmp_path, configs):
