@@ -1540,13 +1540,13 @@ def hidden(name: str) -> bool:
 def image_filter(folder, notes: collections.Counter):
     """make_dataset's is_valid_file for the files under `folder`: image files, each real folder once (symbolic links
     are followed; one back up the tree is read once); hidden entries and other files are counted in notes."""
-    realpath, first = functools.cache(os.path.realpath), {}
+    realpath, first, start = functools.cache(os.path.realpath), {}, len(os.fspath(folder))
 
-    def is_image(path: str) -> bool:
+    def is_image(path: str) -> bool:  # path: the folder's path, then what is under it
         where = os.path.dirname(path)
         if first.setdefault(realpath(where), where) != where:
             return False  # a folder read already, reached again through a link
-        if any(hidden(part) for part in os.path.relpath(path, folder).split(os.sep)):
+        if any(hidden(part) for part in path[start:].split(os.sep)):
             notes["hidden or tool entries"] += 1
             return False
         if not path.lower().endswith(IMAGE_EXTENSIONS):
