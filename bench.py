@@ -284,7 +284,7 @@ def input_pipeline(count=200):
 
 def job_batches(views, cfg, device, epoch: int = 0):
     """The batches lp.train gets in an epoch: lp.Job.batches (a seeded permutation; on a GPU pinned memory and, with
-    --gpu-decode, JpegBatch items that decode on .to(device))."""
+    --gpu-decode, JpegBatch items that decode on JpegBatch.decode(device))."""
     job = lp.Job(cfg, lp.LTData(views.base, views.base, ["x"], np.ones(1, dtype=int)))
     job.device, job.progress = torch.device(device), lp.Progress(cfg, 1, Path(tempfile.mkdtemp()) / "metrics.jsonl")
     return job.batches(views, epoch, 0)
@@ -439,7 +439,7 @@ def pixel_parity(folder: Path, device) -> list:
     for name, t in ("MDA", lp.MDATransform(224, 5, "convex", 0.08, seed=0)), ("TTE", lp.EvalTransform(224, 248, True)):
         jpegs = lp.JpegViews(base, t)
         batch, _ = jpegs.collate([jpegs[i] for i in range(len(jpegs))])
-        views = batch.to(device, non_blocking=True).cpu()
+        views = batch.decode(device).cpu()
         ref = torch.stack([lp.Views(base, t)[i][0] for i in range(len(paths))])
         diff = (views.int() - ref.int()).abs().float()
         out.append((name, diff.mean().item(), diff.max().item(), sum(isinstance(x, tuple) for x in batch.items)))
@@ -556,8 +556,8 @@ def model_rows(device, dtype, arch: str, B: int, iters: int) -> tuple:
 def input_rate(paths, transform, gpu: bool, device, batch: int, workers: int) -> tuple:
     """Images per second of lp.Job.batches as training and evaluation use it, each batch moved to the device as views
     [B, V, 3, S, S]: decoded by `workers` CPU workers (gpu False), or by nvJPEG in the main process (--gpu-decode).
-    Also the main process's seconds per batch in .to() (the decode and resize, with the decoder's own wait), and the
-    last batch (for a profile)."""
+    Also the main process's seconds per batch in moving it there (JpegBatch.decode: the decode and resize, with the
+    decoder's own wait), and the last batch (for a profile)."""
     cfg = lp.finalize_config(lp.Config(data="imagenet_lt", workers=workers, gpu_decode=gpu, batch_size=batch))
     views = lp.Views(lp.ImageSet(paths, [i % K for i in range(len(paths))]), transform)
     loader, batches = job_batches(views, cfg, device), math.ceil(len(paths) / batch)
@@ -566,7 +566,10 @@ def input_rate(paths, transform, gpu: bool, device, batch: int, workers: int) ->
     t0 = time.perf_counter()
     for v, _ in loader:
         t1 = time.perf_counter()
-        v.to(device, non_blocking=True)
+        if isinstance(v, lp.JpegBatch):
+            v.decode(device)
+        else:
+            v.to(device, non_blocking=True)
         in_to += time.perf_counter() - t1
     sync(device)
     return len(paths) / (time.perf_counter() - t0), in_to / batches, v
@@ -695,11 +698,11 @@ def gpu_rows(quick, device="cuda", dry_run=False):
             input_rows.append((f"input path, {'MDA' if t is mda else 'five TTE views'}, {where}", r[key], "-"))
             print(
                 f"  {input_rows[-1][0]}: {r[key]:.0f} img/s; the main process spends {1000 * in_to:.1f} ms a "
-                "batch in .to()",
+                "batch moving it to the device",
                 flush=True,
             )
             if key == "gpu_input":
-                print(profile_table(lambda: last.to(device, non_blocking=True), device, rows=10), flush=True)
+                print(profile_table(lambda: last.decode(device), device, rows=10), flush=True)
         print("model:", flush=True)
         rows, model_rates, model = model_rows(device, dtype, arch, B, iters)
         r.update(model_rates)

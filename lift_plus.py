@@ -132,12 +132,27 @@ class LTData:
     test: torch.utils.data.Dataset
     classnames: list
     train_counts: np.ndarray  # [K] training images per class
-    notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's ImageSet, folders)
+    notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's folders)
     val: torch.utils.data.Dataset | None = None  # a validation split, from the test distribution (the world's)
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Labelled images: file paths read lazily (Appendix E's read_image), or a uint8 array [N, H, W, 3] in memory."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i) -> torch.Tensor:  # -> RGB uint8 [3, H, W]
+        if isinstance(self.images, np.ndarray):
+            return torch.from_numpy(self.images[i]).permute(2, 0, 1)
+        return read_image(self.images[i])
 
 
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
@@ -1265,36 +1280,6 @@ def autocast_dtype(cfg: Config, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
-def decode_jpeg_fast(raw: bytes):
-    """A JPEG decoded by TorchCodec's libjpeg-turbo into uint8 [3, H, W]: PIL's pixels, about 1.4x faster. None,
-    and PIL reads the file, for any other file, a JPEG it cannot decode, one with an EXIF rotation (TorchCodec
-    applies it; PIL and the LIFT+ code do not), or where TorchCodec does not load (a CPU-only torch build)."""
-    decode = torchcodec_jpeg()
-    if raw[:2] != b"\xff\xd8" or decode is None:
-        return None
-    if b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw))):
-        return None
-    try:
-        return decode(raw, mode="RGB")
-    except (RuntimeError, ValueError):
-        return None
-
-
-def exif_rotated(im: Image.Image) -> bool:
-    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
-    return im.getexif().get(0x0112, 1) != 1
-
-
-@functools.cache
-def torchcodec_jpeg():
-    try:
-        from torchcodec.decoders import decode_jpeg
-
-        return decode_jpeg
-    except (ImportError, OSError):
-        return None
-
-
 def frozen_features(model: LiftModel, data: LTData, cfg: Config) -> tuple:
     """--cache-features: with a frozen backbone (--tuning classifier) the features of fixed centre views are
     computed once, and only the classifier trains on them (no MDA crops)."""
@@ -1315,16 +1300,19 @@ def compile_warmup(model: LiftModel, sizes: set, dtype):
 
 
 def gpu_jpeg_views(dataset, cfg: Config, device) -> tuple:
-    """(dataset, collate_fn) for a DataLoader. --gpu-decode: 8 CPU workers decode and resize about 1,500 images/s,
-    under a GPU's training rate, so on a GPU Views of JPEG files become JpegViews: workers read bytes and compute the
-    boxes, the GPU decodes (nvJPEG), crops and resizes. Anything else (arrays in memory, other files, a CPU) stays."""
-    base = getattr(dataset, "base", None)
-    chosen = cfg.gpu_decode and device.type == "cuda" and isinstance(dataset, Views) and isinstance(base, ImageSet)
-    chosen = chosen and isinstance(dataset.transform, (MDATransform, EvalTransform)) and isinstance(base.images, list)
-    if not (chosen and any(str(p).lower().endswith((".jpg", ".jpeg")) for p in base.images)):
-        return dataset, None
-    jpegs = JpegViews(base, dataset.transform, dataset.indices)
-    return jpegs, jpegs.collate
+    """(dataset, collate_fn) for a DataLoader. --gpu-decode, on a GPU: Views of JPEG files become JpegViews, whose
+    workers read the bytes and compute the boxes, and whose batches the GPU decodes, crops and resizes
+    (JpegBatch.decode). Anything else (arrays in memory, no JPEG, cached features, a CPU) stays as it is."""
+    if (
+        cfg.gpu_decode
+        and device.type == "cuda"
+        and isinstance(dataset, Views)
+        and isinstance(dataset.base.images, list)
+    ):
+        if any(path.lower().endswith((".jpg", ".jpeg")) for path in dataset.base.images):
+            jpegs = JpegViews(dataset.base, dataset.transform, dataset.indices)
+            return jpegs, jpegs.collate
+    return dataset, None
 
 
 class JpegViews(Views):
@@ -1336,10 +1324,11 @@ class JpegViews(Views):
         try:
             raw = Path(self.base.images[j]).read_bytes()
             im = Image.open(io.BytesIO(raw))  # reads the header only
-            if im.format != "JPEG" or im.mode not in ("RGB", "L") or exif_rotated(im):
-                return super().__getitem__(i)
+            on_gpu = im.format == "JPEG" and im.mode in ("RGB", "L") and not exif_rotated(im)
         except (OSError, ValueError, Image.DecompressionBombError):
-            return super().__getitem__(i)  # read_image names the file
+            on_gpu = False  # Views' item: read_image names the file
+        if not on_gpu:
+            return super().__getitem__(i)
         if isinstance(t, MDATransform):
             top, left, side = t.box(im.height, im.width, j)
             geometry = (top, left, side, side), (t.size, t.size), [(0, 0)]
@@ -1357,45 +1346,41 @@ class JpegBatch:
 
     def __init__(self, items: list, size: int):
         raw = b"".join(x[0] for x in items if isinstance(x, tuple))
-        self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else None
+        self.data = torch.from_numpy(np.frombuffer(bytearray(raw), dtype=np.uint8))
         self.items, self.size = [(len(x[0]), *x[1:]) if isinstance(x, tuple) else x for x in items], size
 
-    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
-        """The uint8 views [B, V, 3, S, S]: decoded on `device` in one call, cropped and resized as resize_bicubic."""
-        S, jpegs = self.size, [item for item in self.items if isinstance(item, tuple)]
-        data = self.data.split([n for n, *_ in jpegs]) if jpegs else []
-        V = len(jpegs[0][4]) if jpegs else len(self.items[0])
-        out = torch.empty(len(self.items), V, 3, S, S, device=device)
-        decoded = iter(decode_jpegs(data, [path for _, path, *_ in jpegs], device))
-        for k, item in enumerate(self.items):
-            if not isinstance(item, tuple):  # decoded on the CPU by a worker
-                out[k] = item.to(device, non_blocking=non_blocking)
-                continue
-            (top, left, h, w), size, corners = item[2:]
-            img = next(decoded)[None, :, top : top + h, left : left + w].float()  # float: CUDA's bicubic has no uint8
-            img = F.interpolate(img, size, mode="bicubic", antialias=True)[0]
-            out[k] = torch.stack([img[:, y : y + S, x : x + S] for y, x in corners])
-        return out.round_().clamp_(0, 255).to(torch.uint8)  # [B, V, 3, S, S]
+    def decode(self, device) -> torch.Tensor:
+        """The uint8 views [B, V, 3, S, S] on `device`: the JPEGs decoded there in one call (TorchCodec's decoder, or
+        where it does not load or refuses, torchvision's; else read_image), cropped and resized as resize_bicubic."""
+        from torchvision.io import decode_jpeg
 
-
-def decode_jpegs(data: list, paths: list, device) -> list:
-    """RGB uint8 [3, H, W] on `device` of JPEG bytes, in one call of TorchCodec's decode_jpeg, or where it does not
-    load (the H200's torch 2.11) or refuses, torchvision's (the same nvJPEG); else read on the CPU."""
-    from torchvision.io import decode_jpeg
-
-    for decode in [d for d in (torchcodec_jpeg(), decode_jpeg) if d is not None]:
-        try:
-            return decode(list(data), mode="RGB", device=device) if data else []
-        except (RuntimeError, ValueError):
-            continue
-    return [read_image(path).to(device) for path in paths]
+        jpegs = [item for item in self.items if isinstance(item, tuple)]
+        data, images = list(self.data.split([n for n, *_ in jpegs])), None
+        for decoder in (torchcodec_jpeg(), decode_jpeg):
+            if images is None and decoder is not None and data:
+                try:
+                    images = decoder(data, mode="RGB", device=device)
+                except (RuntimeError, ValueError):
+                    pass  # refused: the next decoder
+        if images is None:
+            images = [read_image(path).to(device) for _, path, *_ in jpegs]
+        S, decoded, views = self.size, iter(images), []
+        for item in self.items:
+            if isinstance(item, tuple):
+                (top, left, h, w), size, corners = item[2:]
+                img = next(decoded)[None, :, top : top + h, left : left + w].float()  # CUDA's bicubic has no uint8
+                img = F.interpolate(img, size, mode="bicubic", antialias=True)[0].round_().clamp_(0, 255)
+                views.append(torch.stack([img[:, y : y + S, x : x + S] for y, x in corners]).to(torch.uint8))
+            else:
+                views.append(item.to(device))  # decoded on the CPU by a worker
+        return torch.stack(views)  # [B, V, 3, S, S]
 
 
 # ==========================================================================================
-# APPENDIX E. Reliability: every flag and input checked, your own image folders, atomic files
-# Plugs into Part I at build_data (build_folder); every task's images are an ImageSet, read by read_image; load_clip
-# calls check_vit; Part II runs check_flags, summarize_data, describe_tuning and check_inputs. Bad input ends in one
-# line that names the flag or file.
+# APPENDIX E. Your own image folders and image files; input checks
+# Plugs into Part I at build_data (build_folder) and ImageSet (read_image); predict lists folders with image_files;
+# load_clip calls check_vit; Part II runs check_flags, summarize_data, describe_tuning and check_inputs. Bad input ends
+# in one line that names the flag or file.
 
 
 def flag(name: str) -> str:
@@ -1498,155 +1483,135 @@ def check_vit(visual, cfg: Config):
         )
 
 
-class ImageSet(torch.utils.data.Dataset):
-    """Labelled images: file paths read lazily, or a uint8 array [N, H, W, 3] in memory (CIFAR, the world)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, list(labels)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i) -> torch.Tensor:  # -> RGB uint8 [3, H, W]
-        if isinstance(self.images, np.ndarray):
-            return torch.from_numpy(self.images[i]).permute(2, 0, 1)
-        return read_image(self.images[i])
-
-
 def read_image(path) -> torch.Tensor:
-    """Decode an image file to RGB uint8 [3, H, W], naming the file if it cannot."""
+    """RGB uint8 [3, H, W] of an image file as torchvision's and the LIFT+ code's loaders read it (PIL's convert('RGB'):
+    no EXIF rotation, the first frame, alpha dropped), but 16-bit samples scaled to 8 bits (convert clips them) and
+    32-bit or float samples refused. JPEGs go through TorchCodec where it loads: PIL's pixels, about 1.4x faster."""
     try:
-        return decode_image(Path(path).read_bytes())  # Appendix E: TorchCodec for JPEGs, PIL for any image mode
+        raw = Path(path).read_bytes()
+        im = Image.open(io.BytesIO(raw))  # reads the header only
+        if raw[:2] == b"\xff\xd8" and torchcodec_jpeg() is not None and not exif_rotated(im):
+            try:
+                return torchcodec_jpeg()(raw, mode="RGB")
+            except (RuntimeError, ValueError):
+                pass  # a JPEG TorchCodec refuses: PIL reads it
+        im.load()  # a truncated file fails here
+        if im.mode in ("I", "F"):
+            kind = "32-bit integer" if im.mode == "I" else "floating-point"
+            raise ValueError(f"{kind} samples have no 8-bit range; convert the file to an 8-bit image")
+        if im.mode.startswith("I;16"):
+            grey = (np.asarray(im, dtype=np.uint32) * 255 + 32767) // 65535  # [H, W]: 0..65535 to 0..255
+            return torch.from_numpy(grey.astype(np.uint8)).repeat(3, 1, 1)
+        if im.mode in ("P", "PA"):
+            im = im.convert("RGBA")  # palette transparency, without PIL's warning
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LiftError(f"cannot read image {path}: {e}") from None
 
 
-def decode_image(raw: bytes) -> torch.Tensor:
-    """RGB uint8 [3, H, W] of an image file's bytes: JPEGs by TorchCodec (Appendix D), any other file by PIL."""
-    img = decode_jpeg_fast(raw)
-    if img is None:
-        img = torch.from_numpy(to_rgb_array(Image.open(io.BytesIO(raw)))).permute(2, 0, 1)
-    return img
+def exif_rotated(im: Image.Image) -> bool:
+    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
+    return im.getexif().get(0x0112, 1) != 1
 
 
-def to_rgb_array(im: Image.Image) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an opened image: PIL's convert('RGB'), as torchvision's and the LIFT+ code's
-    loaders (alpha dropped, no EXIF rotation, the first frame of an animation), except where it is
-    wrong: 16-bit samples are scaled to 8 bits (convert clips them at 255). Samples of 32-bit integers
-    or floats have no 8-bit range: refused."""
-    im.load()  # a truncated file fails here
-    if im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.uint32)  # [H, W] in 0..65535
-        return np.repeat(((a * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
-    if im.mode in ("I", "F"):
-        kind = "32-bit integer" if im.mode == "I" else "floating-point"
-        raise ValueError(f"{kind} samples have no 8-bit range; convert the file to an 8-bit image")
-    if im.mode in ("P", "PA"):
-        im = im.convert("RGBA")  # palette transparency, without PIL's warning
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+@functools.cache
+def torchcodec_jpeg():
+    """TorchCodec's decode_jpeg (libjpeg-turbo on the CPU, nvJPEG on a GPU), or None where it does not load."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError):
+        return None
+    return decode_jpeg
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
-def entries(folder: Path, notes: collections.Counter) -> tuple:
-    """(sub-folders, image files) of a folder, sorted; hidden and tool entries (.*, __MACOSX) and files
-    without an image extension are skipped and counted in notes."""
-    dirs, files = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name == "__MACOSX":
+def hidden(name: str) -> bool:
+    """Hidden and tool entries (.DS_Store, .ipynb_checkpoints, __MACOSX): neither classes nor images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def image_filter(folder, notes: collections.Counter):
+    """make_dataset's is_valid_file for the files under `folder`: image files, each real folder once (symbolic links
+    are followed; one back up the tree is read once); hidden entries and other files are counted in notes."""
+    realpath, first, start = functools.cache(os.path.realpath), {}, len(os.fspath(folder))
+
+    def is_image(path: str) -> bool:  # path: the folder's path, then what is under it
+        where = os.path.dirname(path)
+        if first.setdefault(realpath(where), where) != where:
+            return False  # a folder read already, reached again through a link
+        if any(hidden(part) for part in path[start:].split(os.sep)):
             notes["hidden or tool entries"] += 1
-        elif p.is_dir():
-            dirs.append(p)
-        elif p.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(p)
-        else:
+            return False
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
             notes["files without an image extension"] += 1
-    return dirs, files
+            return False
+        return True
+
+    return is_image
 
 
-def list_images(folder: Path, notes: collections.Counter) -> list:
-    """The image files under a class folder at any depth (as torchvision's ImageFolder), sorted; symbolic
-    links are followed, each real folder once."""
-    found, seen, stack = [], set(), [folder]
-    while stack:
-        d = stack.pop()
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            dirs, files = entries(d, notes)
-            stack += dirs
-            found += files
-    return sorted(found)
+def image_files(folder) -> list:
+    """The image files under a folder at any depth, listed as make_dataset lists a class folder (for predict)."""
+    is_image, found = image_filter(folder, collections.Counter()), []
+    for where, _, names in sorted(os.walk(folder, followlinks=True)):  # in make_dataset's order
+        found += [path for path in (os.path.join(where, name) for name in sorted(names)) if is_image(path)]
+    return found
 
 
 def build_folder(cfg: Config) -> LTData:
-    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/...; the class is the folder name."""
+    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/..., images at any depth under their class
+    folder (torchvision's make_dataset); the classes are the training folder's sub-folders."""
+    from torchvision.datasets.folder import make_dataset
+
     root = Path(cfg.data)
-    if not root.is_dir():
-        if os.sep in cfg.data:
-            raise LiftError(f"--data {cfg.data}: no such folder")
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
         known = ", ".join([*BENCHMARKS, *CIFAR100_LT, *WORLDS])
-        raise LiftError(
-            f"--data: unknown dataset '{cfg.data}'; expected one of {known}, or a folder with train/ and test/"
-        )
+        raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected {known} or a folder with train/ and test/")
+    notes, index, sets = collections.Counter(), {}, {}
     for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise LiftError(
-                f"--data {cfg.data}: expected a folder with train/<class>/ and test/<class>/ inside; "
-                f"{root / split} is missing"
-            )
-    notes, sets = collections.Counter(), {}
-    classnames = [d.name for d in entries(root / "train", collections.Counter())[0]]
-    if not classnames:
-        raise LiftError(f"--data {cfg.data}: {root / 'train'} has no class folders")
-    for name in classnames:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise LiftError(
-                f"{root / 'train'}: the class folder name {name.encode('utf-8', 'surrogateescape')!r} "
-                "is not UTF-8; rename it (class names become text prompts)"
-            ) from None
-    index = {c: i for i, c in enumerate(classnames)}
-    for split in ("train", "test"):
-        paths, labels = [], []
-        dirs, loose = entries(root / split, notes)
-        notes["images outside class folders skipped"] += len(loose)
-        for d in dirs:
-            if d.name not in index:
-                raise LiftError(f"{d}: class '{d.name}' has no training folder {root / 'train' / d.name}")
-            files = list_images(d, notes)
-            paths += [str(p) for p in files]
-            labels += [index[d.name]] * len(files)
-        if not paths:
-            raise LiftError(f"{root / split}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-        sets[split] = ImageSet(paths, labels)
-    counts = np.bincount(sets["train"].labels, minlength=len(classnames))
-    if (counts == 0).any():
-        empty = ", ".join(np.asarray(classnames)[counts == 0][:5])
-        raise LiftError(f"{root / 'train'}: class folders without images: {empty}")
-    said = [f"{n} {what}" if "skipped" in what else f"{n} {what} skipped" for what, n in sorted(notes.items()) if n]
-    return LTData(sets["train"], sets["test"], classnames, counts, said)
+        top = list(os.scandir(root / split))
+        notes["hidden or tool entries"] += sum(hidden(e.name) for e in top)
+        notes["files outside class folders"] += sum(not (hidden(e.name) or e.is_dir()) for e in top)
+        classes = sorted(e.name for e in top if e.is_dir() and not hidden(e.name))
+        if split == "train":
+            index = {c: i for i, c in enumerate(classes)}
+        samples = []
+        for c in classes:
+            if c not in index:
+                raise LiftError(f"{root / split / c}: class '{c}' has no training folder {root / 'train' / c}")
+            try:
+                c.encode("utf-8")  # class names become text prompts
+            except UnicodeEncodeError:
+                raise LiftError(f"{root / split}: class folder {os.fsencode(c)!r} is not UTF-8; rename it") from None
+            is_image = image_filter(root / split / c, notes)
+            samples += make_dataset(root / split, {c: index[c]}, is_valid_file=is_image, allow_empty=True)
+        if not samples:
+            raise LiftError(f"{root / split}: no images ({' '.join(IMAGE_EXTENSIONS)} files) in class folders")
+        sets[split] = ImageSet([path for path, _ in samples], [y for _, y in samples])
+    counts = np.bincount(sets["train"].labels, minlength=len(index))
+    if empty := [c for c, n in zip(index, counts) if n == 0]:
+        raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(empty[:5])}")
+    said = [f"{n} {what} skipped" for what, n in sorted(notes.items()) if n]
+    return LTData(sets["train"], sets["test"], list(index), counts, said)
 
 
 def audit(data: LTData) -> list:
-    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both
-    splits, classes without test or training images. An image listed under two labels is refused."""
-    notes, seen = list(data.notes), {}
+    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both splits,
+    classes without test or training images. An image listed under two labels is refused."""
+    notes, seen = list(data.notes), {"train": {}, "test": {}}
     for split, images in (("train", data.train), ("test", data.test)):
         if not isinstance(images.images, list):
-            continue
-        first = {}
+            continue  # arrays in memory: no file listed twice
         for path, y in zip(images.images, images.labels):
-            if first.setdefault(path, y) != y:
-                raise LiftError(f"{split} image {path} is listed under two labels, {first[path]} and {y}")
-        seen[split] = first
-        repeats = len(images.images) - len(first)
-        if repeats:
+            if seen[split].setdefault(path, y) != y:
+                raise LiftError(f"{split} image {path} is listed under two labels, {seen[split][path]} and {y}")
+        if repeats := len(images) - len(seen[split]):
             notes.append(
                 f"{repeats} {split} entries repeat an earlier entry of the same image and label (kept, as listed)"
             )
-    if len(seen) == 2 and (both := len(seen["train"].keys() & seen["test"].keys())):
+    if both := len(seen["train"].keys() & seen["test"].keys()):
         notes.append(f"{both} test images are also training images")
     tested = np.bincount(data.test.labels, minlength=data.num_classes)
     if n := int(((tested == 0) & (data.train_counts > 0)).sum()):
@@ -2418,7 +2383,7 @@ def predict_main(argv: list):
     for item in map(Path, a.images):
         if not item.exists():
             raise LiftError(f"{item}: no such file or folder")
-        paths += [str(q) for q in list_images(item, collections.Counter())] if item.is_dir() else [str(item)]
+        paths += image_files(item) if item.is_dir() else [str(item)]
     if not paths:
         raise LiftError(f"{', '.join(a.images)}: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
     data = LTData(ImageSet([], []), ImageSet([], []), state["classnames"], np.asarray(state["train_counts"]))

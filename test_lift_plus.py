@@ -1258,7 +1258,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
     transform.epoch = 1
     order = [6, 0, 4, 1, 5, 2, 3]  # any order of the base set
     cpu = lp.Views(lp.ImageSet(paths, [10, 11, 12, 13, 14, 15, 16]), transform, order)
-    cfg = lp.finalize_config(lp.Config(data="imagenet_lt"))
+    cfg = lp.finalize_config(lp.Config(data="imagenet_lt", gpu_decode=True))
     gpu, collate = lp.gpu_jpeg_views(cpu, cfg, torch.device("cuda"))  # chosen only, nothing runs on a GPU
     assert isinstance(gpu, lp.JpegViews) and len(gpu) == len(cpu)
     in_memory = lp.Views(lp.ImageSet(np.zeros((2, 8, 8, 3), np.uint8), [0, 1]), transform)
@@ -1299,7 +1299,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
 
     for decoder in (counted, None):  # TorchCodec's decoder, then torchvision's
         monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: decoder)
-        out = batch.to("cpu")
+        out = batch.decode("cpu")
         assert out.shape == ref.shape and out.dtype == torch.uint8
         diff = (out.int() - ref.int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.3, (decoder, diff.max(), diff.float().mean())
@@ -1308,7 +1308,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
     loader = torch.utils.data.DataLoader(
         lp.Padded(gpu), batch_sampler=lp.ShardedBatches(list(range(len(gpu))), 4), num_workers=2, collate_fn=collate
     )
-    assert torch.equal(torch.cat([b.to("cpu", non_blocking=True) for b, _ in loader]), out)
+    assert torch.equal(torch.cat([b.decode("cpu") for b, _ in loader]), out)
 
     def refused(data, **kw):
         refusals.append(len(data))
@@ -1319,9 +1319,9 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
     refusals = []
     monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: refused)
     monkeypatch.setattr(tvio, "decode_jpeg", lambda data, **kw: real(data, **kw) if refusals else refused(data))
-    assert torch.equal(batch.to("cpu"), out) and refusals == [4]  # TorchCodec refuses: torchvision decodes
+    assert torch.equal(batch.decode("cpu"), out) and refusals == [4]  # TorchCodec refuses: torchvision decodes
     monkeypatch.setattr(tvio, "decode_jpeg", refused)
-    assert torch.equal(batch.to("cpu"), out)  # both refuse: read_image (PIL), the same resize
+    assert torch.equal(batch.decode("cpu"), out)  # both refuse: read_image (PIL), the same resize
     assert refusals[:3] == [4, 4, 4]  # (then read_image's own TorchCodec call refuses)
 
 
@@ -1426,10 +1426,17 @@ def png_16bit_rgb(path: Path, a: np.ndarray):
     )
 
 
-def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path):
+def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path, monkeypatch):
     """The fast JPEG path (TorchCodec) gives PIL's pixels, and a JPEG with an EXIF rotation is read as PIL
     and the LIFT+ code read it: not rotated."""
-    assert lp.torchcodec_jpeg() is not None  # the pinned install has TorchCodec
+    torchcodec, decoded = lp.torchcodec_jpeg(), []
+    assert torchcodec is not None  # the pinned install has TorchCodec
+
+    def counted(raw, **kw):
+        decoded.append(raw)
+        return torchcodec(raw, **kw)
+
+    monkeypatch.setattr(lp, "torchcodec_jpeg", lambda: counted)
     pil = natural_image(60, 80)
     pil.save(tmp_path / "plain.jpg", quality=90)
     exif = Image.Exif()
@@ -1439,8 +1446,7 @@ def test_jpeg_decoding_equals_pil_without_exif_rotation(tmp_path):
     for name in ("plain.jpg", "rotated.jpg", "gray.jpg"):
         ref = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(lp.read_image(tmp_path / name), ref), name
-    assert lp.decode_jpeg_fast((tmp_path / "plain.jpg").read_bytes()) is not None
-    assert lp.decode_jpeg_fast((tmp_path / "rotated.jpg").read_bytes()) is None  # PIL reads it
+    assert decoded == [(tmp_path / name).read_bytes() for name in ("plain.jpg", "gray.jpg")]  # PIL reads the rotated
 
 
 def test_every_image_mode_decodes_to_the_right_rgb_or_is_refused(tmp_path):
@@ -1513,6 +1519,7 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
     (root / "train" / "class_1" / "notes.txt").write_text("not an image")
     (root / "train" / "class_1" / "link.png").symlink_to(root / "train" / "class_1" / "0.png")
     (root / "train" / "class_1" / "loop").symlink_to(root / "train" / "class_1")  # a folder link back: followed once
+    (root / "train" / "loose.png").write_bytes((root / "train" / "class_1" / "0.png").read_bytes())  # not in a class
     odd = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
     (root / "train" / "class_1" / "1.png").rename(root / "train" / "class_1" / odd)
     data = lp.build_data(make_cfg(configs, data=str(root)))
@@ -1523,13 +1530,26 @@ def test_folder_layouts_are_handled_and_reported(tmp_path, configs):
     assert "note: 1 files without an image extension skipped" in summary
     assert "note: 4 hidden or tool entries skipped" in summary  # .ipynb_checkpoints, __MACOSX, .cache, .DS_Store
     assert "note: 1 classes have no test image (no accuracy for them; left out of the group means)" in summary
+    assert "note: 1 files outside class folders skipped" in summary
+    class_1 = [path for path, y in zip(data.train.images, data.train.labels) if y == 1]
+    assert lp.image_files(root / "train" / "class_1") == class_1  # predict lists a folder as a class folder
     os.mkdir(root / "test" / "class_9")
     with pytest.raises(lp.LiftError, match=r"class 'class_9' has no training folder"):
         lp.build_data(make_cfg(configs, data=str(root)))
     os.rmdir(root / "test" / "class_9")
-    os.mkdir(root / "train" / os.fsdecode(b"r\xe9sum\xe9"))
+    os.mkdir(root / "train" / "class_2")
+    (root / "train" / "class_2" / "notes.txt").write_text("not an image")
+    with pytest.raises(lp.LiftError, match=r"train: class folders without images: class_2$"):
+        lp.build_data(make_cfg(configs, data=str(root)))
+    os.rename(root / "train" / "class_2", root / "train" / os.fsdecode(b"r\xe9sum\xe9"))
     with pytest.raises(lp.LiftError, match=r"is not UTF-8; rename it"):
         lp.build_data(make_cfg(configs, data=str(root)))
+    with pytest.raises(lp.LiftError, match=r"--data: unknown dataset '.*train'; expected .* a folder with train/"):
+        lp.build_data(make_cfg(configs, data=str(root / "train")))  # no train/ and test/ inside
+    write_images(tmp_path / "bare" / "train", [1], seed=0)
+    (tmp_path / "bare" / "test" / "class_0").mkdir(parents=True)
+    with pytest.raises(lp.LiftError, match=r"test: no images \(\.jpg .*\) in class folders"):
+        lp.build_data(make_cfg(configs, data=str(tmp_path / "bare")))
 
 
 def test_split_list_repeats_and_conflicts(tmp_path, configs):
