@@ -1781,9 +1781,9 @@ def finalize_config(cfg: Config) -> Config:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in derived.items() if getattr(cfg, k) is None})
     model, pretrained = cfg.model.replace("/", "-"), cfg.pretrained
     if cfg.model.endswith(".json"):
-        model = str(Path(cfg.model).expanduser().resolve())
-    if Path(pretrained).expanduser().is_file():
-        pretrained = str(Path(pretrained).expanduser().resolve())
+        model = os.path.abspath(os.path.expanduser(cfg.model))
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        pretrained = os.path.abspath(os.path.expanduser(pretrained))
     return dataclasses.replace(cfg, model=model, pretrained=pretrained)
 
 
