@@ -199,7 +199,7 @@ class MDATransform:
         self.epoch = 0
 
     def box(self, height: int, width: int, index: int) -> tuple:  # image `index`'s crop (top, left, side) this epoch
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index & (2**63 - 1))
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) & (2**63 - 1))
         return mda_crop_box(height, width, mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale), gen)
 
     def __call__(self, img: torch.Tensor, index: int) -> torch.Tensor:
