@@ -499,9 +499,9 @@ def evaluate(cfg: Config, data: LTData, model: LiftModel, run: Job | None = None
 
 
 # ==========================================================================================
-# APPENDIX A. The paper's baselines: other tuning methods, classifier inits, the results table
+# APPENDIX A. The paper's baselines (other tunings, classifier inits) and the `table` command
 # Plugs into Part I at configure_tuning (block_indices, BASELINES) and build_model (baseline_init); main runs
-# the `table` command. Each method only freezes, unfreezes or attaches parameters: LoRA and the random mask are
+# table_main. Each method only freezes, unfreezes or attaches parameters: LoRA and the random mask are
 # parametrizations of CLIP's weights, the Adapter wraps the MLP and VPT is a LiftViT with prompts, so Part I's
 # training and evaluation serve them all.
 
@@ -517,39 +517,29 @@ def block_indices(cfg: Config, num_blocks: int) -> list:
         return list(range(num_blocks - cfg.partial_blocks, num_blocks))
     if cfg.blocks is None:
         return list(range(num_blocks))
-    chosen = set()
+    chosen = []
     for part in cfg.blocks.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
-        if not m or hi >= num_blocks or hi < lo:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)  # 'i' or 'lo-hi'
+        if m is None or not int(m[1]) <= int(m[2] or m[1]) < num_blocks:
             raise LiftError(
                 f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'"
             )
-        chosen.update(range(lo, hi + 1))
-    return sorted(chosen)
-
-
-class Adapter(AdaptFormer):
-    """Adapter baseline: the same bottleneck without a scale, applied sequentially to the MLP's output."""
-
-    def __init__(self, dim: int, r: int):
-        super().__init__(dim, r)
-        del self.scale
-
-    def forward(self, m):
-        return self.up(F.relu(self.down(self.ln(m))))
+        chosen += range(int(m[1]), int(m[2] or m[1]) + 1)
+    return sorted(set(chosen))
 
 
 class MLPThenAdapter(nn.Module):
-    """m = MLP(y); m <- m + Adapter(m). Replaces a block's MLP, so the block runs unchanged."""
+    """Adapter baseline, in place of a block's MLP: m = MLP(y); m + Up(ReLU(Down(LN(m)))), AdaptFormer's
+    bottleneck without its scale, applied to the MLP's output (so the block runs unchanged)."""
 
-    def __init__(self, mlp: nn.Module, adapter: Adapter):
+    def __init__(self, mlp: nn.Module, dim: int, r: int):
         super().__init__()
-        self.mlp, self.adapter = mlp, adapter
+        self.mlp, self.adapter = mlp, AdaptFormer(dim, r)
+        del self.adapter.scale
 
     def forward(self, y):
-        m = self.mlp(y)
-        return m + self.adapter(m)
+        m, a = self.mlp(y), self.adapter
+        return m + a.up(F.relu(a.down(a.ln(m))))
 
 
 class LoRA(nn.Module):
@@ -594,25 +584,28 @@ class PromptedViT(LiftViT):
         self.prompts = nn.ParameterDict()  # block index -> [P, D]
 
     def block(self, i: int, blk, x):
-        if str(i) in self.prompts:
-            old = x.shape[1] - self.visual.positional_embedding.shape[0]  # the previous block's prompts
-            p = self.prompts[str(i)].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, D]
-            x = torch.cat([x[:, :1], p, x[:, 1 + old :]], dim=1)  # [B, 1 + P + N-1, D]
-        return super().block(i, blk, x)
+        return super().block(i, blk, self.with_prompts(i, x))
+
+    def with_prompts(self, i: int, x):
+        """The tokens x [B, N (+ P'), D] that block i reads: its own prompts in place of the previous block's."""
+        if str(i) not in self.prompts:
+            return x
+        old = x.shape[1] - self.visual.positional_embedding.shape[0]  # the previous block's prompts
+        p = self.prompts[str(i)].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, D]
+        return torch.cat([x[:, :1], p, x[:, 1 + old :]], dim=1)  # [B, 1 + P + N-1, D]
 
 
 def tune_blocks(model, cfg, blocks, K):
-    enc = model.encoder
     """Full and partial fine-tuning: every parameter of the chosen blocks."""
     for i in blocks:
-        enc.visual.transformer.resblocks[i].requires_grad_(True)
+        model.encoder.visual.transformer.resblocks[i].requires_grad_(True)
     return {}
 
 
 def tune_bitfit(model, cfg, blocks, K):
-    enc = model.encoder
+    """BitFit: the biases of the chosen blocks."""
     for i in blocks:
-        for name, p in enc.visual.transformer.resblocks[i].named_parameters():
+        for name, p in model.encoder.visual.transformer.resblocks[i].named_parameters():
             p.requires_grad_(name.endswith("bias"))
     return {}
 
@@ -624,19 +617,17 @@ def tune_vpt(model, cfg, blocks, K):
 
 
 def tune_adapter(model, cfg, blocks, K):
-    enc = model.encoder
-    r = cfg.adapter_dim or size_rule(K, len(blocks), 2)
+    enc, r = model.encoder, cfg.adapter_dim or size_rule(K, len(blocks), 2)
     for i in blocks:
         blk = enc.visual.transformer.resblocks[i]
-        blk.mlp = MLPThenAdapter(blk.mlp, Adapter(enc.width, r))
+        blk.mlp = MLPThenAdapter(blk.mlp, enc.width, r)
     return {"r": r}
 
 
 def tune_lora(model, cfg, blocks, K):
-    enc = model.encoder
     from torch.nn.utils import parametrize
 
-    r = cfg.lora_rank or size_rule(K, len(blocks), 4)
+    enc, r = model.encoder, cfg.lora_rank or size_rule(K, len(blocks), 4)
     for i in blocks:
         attn = enc.visual.transformer.resblocks[i].attn
         parametrize.register_parametrization(attn, "in_proj_weight", LoRA(enc.width, r))
@@ -644,22 +635,15 @@ def tune_lora(model, cfg, blocks, K):
 
 
 def tune_mask(model, cfg, blocks, K):
-    enc = model.encoder
+    """Each weight and bias of the chosen blocks' attention and MLP gets a MaskedUpdate, in this order (one
+    generator draws them all)."""
     from torch.nn.utils import parametrize
 
     gen = torch.Generator().manual_seed(cfg.seed)
     for i in blocks:
-        blk = enc.visual.transformer.resblocks[i]
-        weights = [
-            (blk.attn, "in_proj_weight"),
-            (blk.attn, "in_proj_bias"),
-            (blk.attn.out_proj, "weight"),
-            (blk.attn.out_proj, "bias"),
-            (blk.mlp.c_fc, "weight"),
-            (blk.mlp.c_fc, "bias"),
-            (blk.mlp.c_proj, "weight"),
-            (blk.mlp.c_proj, "bias"),
-        ]
+        blk = model.encoder.visual.transformer.resblocks[i]
+        weights = [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias")]
+        weights += [(m, name) for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj) for name in ("weight", "bias")]
         for module, name in weights:
             tensor = getattr(module, name)
             if round(cfg.mask_ratio * tensor.numel()) > 0:  # a tiny bias may get no entry
@@ -757,6 +741,17 @@ def table_main(argv: list):
         print(results_table(args.folder))
 
 
+def read_results(folder) -> list:
+    """(path, contents) of every results*.json under `folder`, at any depth, in path order."""
+    return [(path, json.loads(path.read_text())) for path in sorted(Path(folder).glob("**/results*.json"))]
+
+
+def markdown_table(columns: str, rows: list) -> str:
+    """A Markdown table: the header 'a | b | ...', then one line per row, a list of cells."""
+    lines = [f"| {columns} |", "|---" * (columns.count("|") + 1) + "|"]
+    return "\n".join(lines + [f"| {' | '.join(map(str, row))} |" for row in rows])
+
+
 def setting_fields(c: dict, keys: tuple) -> list:
     """A run's config values for a table row: `keys`, TTE and epochs; zero-shot trains nothing, so its training
     settings are '-'."""
@@ -765,62 +760,55 @@ def setting_fields(c: dict, keys: tuple) -> list:
     return [c[k] for k in keys] + [c["tte"], c["epochs"]]
 
 
+def accuracy_cells(runs: list) -> list:
+    """Overall, Many, Medium and Few of a run, or mean ± sample std over runs; n/a where no run has a value."""
+    cells = []
+    for k in ("overall", "many", "medium", "few"):
+        v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
+        if not v:
+            cells.append("n/a")
+        elif len(v) == 1:
+            cells.append(f"{v[0]:.2f}")
+        else:
+            cells.append(f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}")
+    return cells
+
+
 def seeds_table(folder) -> str:
     """The results*.json files under `folder` grouped by setting (the config less its seed and run-only flags;
     TTE counts as a setting): mean ± sample std of each group's accuracies, and its seeds."""
-    groups = {}
     kept = ("tte", "expand", "model", "pretrained")  # evaluation settings and the CLIP are part of a setting
     dropped = (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
-    for path in sorted(Path(folder).glob("**/results*.json")):
-        r = json.loads(path.read_text())
-        c = {k: v for k, v in r["config"].items() if k in kept or k not in dropped}
-        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
-    rows = [
-        "| data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    groups = {}
+    for _, r in read_results(folder):
+        setting = {k: v for k, v in r["config"].items() if k in kept or k not in dropped}
+        groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
+    rows = []
     for runs in groups.values():
-        c = runs[0]["config"]
-        seeds = "-"
+        c, seeds = runs[0]["config"], "-"
         if c["tuning"] != "zeroshot":
             seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
-        cells = []
-        for k in ("overall", "many", "medium", "few"):
-            v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
-            cell = "n/a"
-            if len(v) == 1:
-                cell = f"{v[0]:.2f}"
-            if len(v) > 1:
-                cell = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
-            cells.append(cell)
-        fields = " | ".join(map(str, setting_fields(c, ("lr", "init", "mda"))))
-        rows.append(f"| {c['data']} | {c['tuning']} | {fields} | {seeds} | {' | '.join(cells)} |")
-    return "\n".join(rows)
+        rows.append([c["data"], c["tuning"], *setting_fields(c, ("lr", "init", "mda")), seeds, *accuracy_cells(runs)])
+    columns = "data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few"
+    return markdown_table(columns, rows)
 
 
 def results_table(folder) -> str:
     """The results*.json files under `folder` (one per run) as one Markdown table, with each training run's
     time and images per second from its metrics.jsonl."""
-    rows = [
-        "| run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall "
-        "| Many | Medium | Few |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path in sorted(Path(folder).glob("**/results*.json")):
-        r = json.loads(path.read_text())
-        c, m = r["config"], r["metrics"]
-        log, epochs, speed = path.parent / "metrics.jsonl", [], "- | -"
+    rows = []
+    for path, r in read_results(folder):
+        c, log, epochs, speed = r["config"], path.parent / "metrics.jsonl", [], ["-", "-"]
         if log.is_file() and path.name == "results.json":
-            epochs = [json.loads(x) for x in log.read_text().splitlines()]
+            epochs = [json.loads(line) for line in log.read_text().splitlines()]
         if epochs:
-            speed = f"{sum(e['epoch_s'] for e in epochs):.0f} s | {np.mean([e['images_per_s'] for e in epochs]):.0f}"
-        fields = " | ".join(map(str, setting_fields(c, ("init", "loss", "mda"))))
-        cells = " | ".join("n/a" if m[k] is None else f"{m[k]:.2f}" for k in ("overall", "many", "medium", "few"))
-        name = path.parent.name + path.stem[7:]
-        rows.append(
-            f"| {name} | {c['data']} | {c['tuning']} | {fields} | {r['params']['tuned']:,} | {speed} | {cells} |"
-        )
-    return "\n".join(rows)
+            seconds, rate = sum(e["epoch_s"] for e in epochs), np.mean([e["images_per_s"] for e in epochs])
+            speed = [f"{seconds:.0f} s", f"{rate:.0f}"]
+        name = path.parent.name + path.stem[7:]  # results_eval_tte3.json: <run>_eval_tte3
+        fields = setting_fields(c, ("init", "loss", "mda"))
+        rows.append([name, c["data"], c["tuning"], *fields, f"{r['params']['tuned']:,}", *speed, *accuracy_cells([r])])
+    columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall"
+    return markdown_table(columns + " | Many | Medium | Few", rows)
 
 
 # ==========================================================================================
