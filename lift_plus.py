@@ -1212,20 +1212,18 @@ class LeanQuickGELU(nn.Module):
         return self.Function.apply(x)
 
 
-class FastViT(LiftViT):
-    """The last block for the class token alone: only its output is used downstream, so only its query,
+class FastViT(PromptedViT):
+    """The taught encoder, LiftViT or VPT's PromptedViT (without prompts, a PromptedViT runs LiftViT's blocks as they
+    are), with the last block for the class token alone: only its output is used downstream, so only its query,
     MLP and AdaptFormer run; keys and values still come from every token. About 1/13 fewer FLOPs."""
 
     def block(self, i: int, blk, x):
         if i + 1 < len(self.visual.transformer.resblocks):
             return super().block(i, blk, x)
-        y = blk.ln_1(x)  # [B, N, D]
+        x = self.with_prompts(i, x)  # [B, N (+ P), D]
+        y = blk.ln_1(x)
         h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]
         return h + self.mlp_branch(i, blk, h)
-
-
-class FastPromptedViT(PromptedViT, FastViT):
-    """VPT's prompts are inserted first, then FastViT's last block runs (the method resolution order)."""
 
 
 def make_fast(model: LiftModel):
@@ -1236,9 +1234,8 @@ def make_fast(model: LiftModel):
         for name, child in module.named_children():
             if isinstance(child, QuickGELU):
                 setattr(module, name, LeanQuickGELU())
-    taught = model.encoder
-    fast = {LiftViT: FastViT, PromptedViT: FastPromptedViT}[type(taught)](taught.visual)
-    for name, child in taught.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
+    fast = FastViT(model.encoder.visual)
+    for name, child in model.encoder.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
         setattr(fast, name, child)
     model.encoder = fast
 
