@@ -836,15 +836,15 @@ SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subf
 SPLIT_URL = "https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{name}"
 
 
-def online(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Can this machine open a connection to host? (A fast check instead of minutes of retries.)"""
+def online(host: str) -> bool:
+    """Can this machine open a connection to host within 3 s? Offline, a download then fails at once."""
     import socket
 
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
+        socket.create_connection((host, 443), timeout=3).close()
     except OSError:
         return False
+    return True
 
 
 def find_split_files(cfg: Config) -> dict:
@@ -855,19 +855,16 @@ def find_split_files(cfg: Config) -> dict:
     spec = SPLIT_LISTS[cfg.data]
     wanted = {"train": spec["train"], "test": spec["test"], **{n: (n,) for n in spec.get("extra", ())}}
     cache = Path(cfg.cache).expanduser() / "splits" / spec["subdir"]
-    if cfg.splits and not Path(cfg.splits).is_dir():
-        raise LiftError(f"--splits {cfg.splits}: no such folder")
     folders = [Path(cfg.root), Path(cfg.root) / spec["subdir"], cache]
     if cfg.splits:
+        if not Path(cfg.splits).is_dir():
+            raise LiftError(f"--splits {cfg.splits}: no such folder")
         folders = [Path(cfg.splits)]
 
-    def locate() -> dict:
-        return {
-            k: next((d / n for d in folders for n in names if (d / n).is_file()), None) for k, names in wanted.items()
-        }
+    def locate(key: str):
+        return next((d / n for d in folders for n in wanted[key] if (d / n).is_file()), None)
 
-    found = locate()
-    missing = [k for k, p in found.items() if p is None]
+    missing = [key for key in wanted if locate(key) is None]
     if missing and not cfg.splits and online("raw.githubusercontent.com"):
         for key in missing:
             url = SPLIT_URL.format(subdir=spec["subdir"], name=wanted[key][-1])  # the LIFT+ code's file names
@@ -876,8 +873,7 @@ def find_split_files(cfg: Config) -> dict:
                 atomic_write(cache / wanted[key][-1], urllib.request.urlopen(url, timeout=60).read())
             except OSError as e:
                 raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
-        found = locate()
-        missing = [k for k, p in found.items() if p is None]
+        missing = [key for key in wanted if locate(key) is None]
     if missing:
         names = ", ".join(" or ".join(wanted[k]) for k in missing)
         where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
@@ -887,7 +883,7 @@ def find_split_files(cfg: Config) -> dict:
             f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
             f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them."
         )
-    return found
+    return {key: locate(key) for key in wanted}
 
 
 def read_split_list(path, root, num_classes=None):
@@ -916,8 +912,8 @@ def build_benchmark(cfg: Config) -> LTData:
     """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists; iNaturalist's test set is its val list."""
     if not Path(cfg.root).is_dir():
         raise LiftError(f"--root {cfg.root}: no such folder (expected the dataset's image root)")
-    files = find_split_files(cfg)  # Appendix B: --splits, --root, cache or download
-    classnames, to_label = benchmark_classnames(cfg, files)  # Appendix B: CLIP's ImageNet names, Places, iNat
+    files = find_split_files(cfg)  # --splits, --root, cache or download
+    classnames, to_label = benchmark_classnames(cfg, files)  # CLIP's ImageNet names, Places, iNat
     splits = {}
     for split in ("train", "test"):
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -1071,11 +1067,19 @@ def resolve_clip(cfg: Config):
 def load_clip(cfg: Config):
     """CLIP of --model with the weights of --pretrained, refused unless a CLIP ViT: (clip, image mean, image std,
     tokenizer). OpenAI's own file is a TorchScript archive, which torch.load(weights_only=True) refuses: it is read
-    with torch.jit.load, as OpenAI's loader does, and every tensor of the open_clip model is copied (none missing)."""
+    with torch.jit.load, as OpenAI's loader does, and every tensor of the open_clip model is copied (none missing).
+    Offline, a tag's weights come from the local hub cache only, so a missing download fails in seconds."""
+    import logging
+
+    import huggingface_hub.constants as hub
     import open_clip
 
     name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
-    with weights_errors(cfg, name, tag_cfg):
+    hub_offline = hub.HF_HUB_OFFLINE
+    if tag_cfg and not online("huggingface.co"):
+        hub.HF_HUB_OFFLINE = True
+    logging.disable(logging.ERROR)  # open_clip logs the failure that weights_error reports
+    try:
         if pretrained and not tag_cfg and is_openai_release(pretrained):
             archive = torch.jit.load(pretrained, map_location="cpu").state_dict()  # also holds metadata scalars
             clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
@@ -1083,6 +1087,11 @@ def load_clip(cfg: Config):
         else:
             cache = os.environ.get("LIFT_CLIP_CACHE")
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache)
+    except Exception as e:  # a download that failed, or a file that does not hold these weights
+        raise LiftError(weights_error(cfg, name, tag_cfg, e)) from None
+    finally:
+        logging.disable(logging.NOTSET)
+        hub.HF_HUB_OFFLINE = hub_offline
     check_vit(clip.visual, cfg)  # Appendix E
     pcfg = {**clip.visual.preprocess_cfg, **{k: v for k, v in tag_cfg.items() if k in ("mean", "std")}}
     act = type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__
@@ -1090,40 +1099,19 @@ def load_clip(cfg: Config):
     return clip.eval(), tuple(pcfg["mean"]), tuple(pcfg["std"]), open_clip.get_tokenizer(name)
 
 
-@contextlib.contextmanager
-def weights_errors(cfg: Config, name: str, tag_cfg: dict):
-    """Around building CLIP: offline, use only the local hub cache (fail in seconds), and turn any failure
-    into one line that says where to get the weights and how to pass them."""
-    import logging
-
-    import huggingface_hub.constants as hf_constants
-
-    offline = hf_constants.HF_HUB_OFFLINE
-    if tag_cfg and not online("huggingface.co"):
-        hf_constants.HF_HUB_OFFLINE = True
-    logging.disable(logging.ERROR)  # open_clip logs the failure we report
-    try:
-        yield
-    except (LiftError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not tag_cfg:
-            raise LiftError(f"--pretrained {cfg.pretrained}: cannot load it into {name}: {first[:300]}") from None
-        hub, hint = tag_cfg.get("hf_hub", "").rstrip("/"), ""
-        if tag_cfg.get("quick_gelu"):
-            hint = (
-                " (OpenAI weights: QuickGELU is detected for OpenAI's .pt file; for a converted state dict add "
-                "--quick-gelu yes)"
-            )
-        raise LiftError(
-            f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({first[:200]}). Offline, download "
-            f"them elsewhere (https://huggingface.co/{hub}, or {tag_cfg.get('url') or 'the tag URL'}) and pass the "
-            f"file: --pretrained /path/to/file{hint}"
-        ) from None
-    finally:
-        logging.disable(logging.NOTSET)
-        hf_constants.HF_HUB_OFFLINE = offline
+def weights_error(cfg: Config, name: str, tag_cfg: dict, e: Exception) -> str:
+    """One line for CLIP's weights that did not load: why, and for a tag, where to get the file and how to pass it."""
+    why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    if not tag_cfg:
+        return f"--pretrained {cfg.pretrained}: cannot load it into {name} ({why})"
+    flags = "--pretrained /path/to/file"
+    if tag_cfg.get("quick_gelu"):  # OpenAI's weights: a converted state dict needs QuickGELU named
+        flags += " --quick-gelu yes"
+    return (
+        f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}). Download them elsewhere "
+        f"(https://huggingface.co/{tag_cfg.get('hf_hub', '').rstrip('/')}, or {tag_cfg.get('url') or 'the tag URL'}) "
+        f"and pass the file: {flags}"
+    )
 
 
 # ==========================================================================================
