@@ -812,7 +812,7 @@ def results_table(folder) -> str:
 
 
 # ==========================================================================================
-# APPENDIX B. The benchmarks' files and CLIP's weights: local files, downloads, offline failures
+# APPENDIX B. The benchmarks' split lists and class names, CIFAR-100-LT, CLIP's weights (load_clip)
 # Plugs into Part I at build_data (build_benchmark, build_cifar100_lt) and build_model (load_clip). Offline, every
 # download fails in seconds with the name of the file to fetch elsewhere, instead of after a minute of retries.
 
@@ -1115,7 +1115,7 @@ def weights_error(cfg: Config, name: str, tag_cfg: dict, e: Exception) -> str:
 
 
 # ==========================================================================================
-# APPENDIX C. The offline world: a tiny CLIP and a long-tailed task for a laptop CPU
+# APPENDIX C. The offline worlds (--data shapes_lt, shapes_lt_wide): their long-tailed task and tiny CLIP in the cache
 # Plugs into Part I at build_data (build_world_task); Part II's finalize_config takes world_clip_files. The
 # world's generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is
 # data/shapes_lt/prepare.py; their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
@@ -1173,7 +1173,7 @@ def build_world_task(cfg: Config) -> LTData:
 
 
 # ==========================================================================================
-# APPENDIX D. Speed: the same values, computed faster
+# APPENDIX D. Speed, the same values: a leaner encoder, mixed precision, torch.compile, cached features, GPU JPEGs
 # Plugs into Part I's train and over_dataset at autocast_dtype (mixed precision); Part II's fit applies make_fast
 # (on by default; --no-fast runs Part I's taught path alone), --compile and frozen_features (--cache-features); its
 # Job loads JPEGs through gpu_jpeg_views (--gpu-decode, on a GPU) and warms the compiled model up (compile_warmup);
