@@ -1120,15 +1120,14 @@ def weights_error(cfg: Config, name: str, tag_cfg: dict, e: Exception) -> str:
 # world's generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is
 # data/shapes_lt/prepare.py; their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
 
-WORLD_PREPARE = Path(__file__).resolve().parent / "data" / "shapes_lt" / "prepare.py"
-
 
 @functools.cache
 def world():
     """data/shapes_lt/prepare.py, the world's generator, as a module (loaded once)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("shapes_lt_prepare", WORLD_PREPARE)
+    path = Path(__file__).resolve().parent / "data" / "shapes_lt" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("shapes_lt_prepare", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
