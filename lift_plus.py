@@ -215,7 +215,7 @@ class MDATransform:
         self.epoch = 0
 
     def box(self, height: int, width: int, index: int) -> tuple:  # image `index`'s crop (top, left, side) this epoch
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index & (2**63 - 1))
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) & (2**63 - 1))
         return mda_crop_box(height, width, mda_min_scale(self.epoch, self.epochs, self.schedule, self.min_scale), gen)
 
     def __call__(self, img: torch.Tensor, index: int) -> torch.Tensor:
@@ -515,9 +515,9 @@ def evaluate(cfg: Config, data: LTData, model: LiftModel, run: Job | None = None
 
 
 # ==========================================================================================
-# APPENDIX A. The paper's baselines: other tuning methods, classifier inits, the results table
+# APPENDIX A. The paper's baselines (other tunings, classifier inits) and the `table` command
 # Plugs into Part I at configure_tuning (block_indices, BASELINES) and build_model (baseline_init); main runs
-# the `table` command. Each method only freezes, unfreezes or attaches parameters: LoRA and the random mask are
+# table_main. Each method only freezes, unfreezes or attaches parameters: LoRA and the random mask are
 # parametrizations of CLIP's weights, the Adapter wraps the MLP and VPT is a LiftViT with prompts, so Part I's
 # training and evaluation serve them all.
 
@@ -533,39 +533,29 @@ def block_indices(cfg: Config, num_blocks: int) -> list:
         return list(range(num_blocks - cfg.partial_blocks, num_blocks))
     if cfg.blocks is None:
         return list(range(num_blocks))
-    chosen = set()
+    chosen = []
     for part in cfg.blocks.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
-        if not m or hi >= num_blocks or hi < lo:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)  # 'i' or 'lo-hi'
+        if m is None or not int(m[1]) <= int(m[2] or m[1]) < num_blocks:
             raise LiftError(
                 f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'"
             )
-        chosen.update(range(lo, hi + 1))
-    return sorted(chosen)
-
-
-class Adapter(AdaptFormer):
-    """Adapter baseline: the same bottleneck without a scale, applied sequentially to the MLP's output."""
-
-    def __init__(self, dim: int, r: int):
-        super().__init__(dim, r)
-        del self.scale
-
-    def forward(self, m):
-        return self.up(F.relu(self.down(self.ln(m))))
+        chosen += range(int(m[1]), int(m[2] or m[1]) + 1)
+    return sorted(set(chosen))
 
 
 class MLPThenAdapter(nn.Module):
-    """m = MLP(y); m <- m + Adapter(m). Replaces a block's MLP, so the block runs unchanged."""
+    """Adapter baseline, in place of a block's MLP: m = MLP(y); m + Up(ReLU(Down(LN(m)))), AdaptFormer's
+    bottleneck without its scale, applied to the MLP's output (so the block runs unchanged)."""
 
-    def __init__(self, mlp: nn.Module, adapter: Adapter):
+    def __init__(self, mlp: nn.Module, dim: int, r: int):
         super().__init__()
-        self.mlp, self.adapter = mlp, adapter
+        self.mlp, self.adapter = mlp, AdaptFormer(dim, r)
+        del self.adapter.scale
 
     def forward(self, y):
-        m = self.mlp(y)
-        return m + self.adapter(m)
+        m, a = self.mlp(y), self.adapter
+        return m + a.up(F.relu(a.down(a.ln(m))))
 
 
 class LoRA(nn.Module):
@@ -610,25 +600,28 @@ class PromptedViT(LiftViT):
         self.prompts = nn.ParameterDict()  # block index -> [P, D]
 
     def block(self, i: int, blk, x):
-        if str(i) in self.prompts:
-            old = x.shape[1] - self.visual.positional_embedding.shape[0]  # the previous block's prompts
-            p = self.prompts[str(i)].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, D]
-            x = torch.cat([x[:, :1], p, x[:, 1 + old :]], dim=1)  # [B, 1 + P + N-1, D]
-        return super().block(i, blk, x)
+        return super().block(i, blk, self.with_prompts(i, x))
+
+    def with_prompts(self, i: int, x):
+        """The tokens x [B, N (+ P'), D] that block i reads: its own prompts in place of the previous block's."""
+        if str(i) not in self.prompts:
+            return x
+        old = x.shape[1] - self.visual.positional_embedding.shape[0]  # the previous block's prompts
+        p = self.prompts[str(i)].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, D]
+        return torch.cat([x[:, :1], p, x[:, 1 + old :]], dim=1)  # [B, 1 + P + N-1, D]
 
 
 def tune_blocks(model, cfg, blocks, K):
-    enc = model.encoder
     """Full and partial fine-tuning: every parameter of the chosen blocks."""
     for i in blocks:
-        enc.visual.transformer.resblocks[i].requires_grad_(True)
+        model.encoder.visual.transformer.resblocks[i].requires_grad_(True)
     return {}
 
 
 def tune_bitfit(model, cfg, blocks, K):
-    enc = model.encoder
+    """BitFit: the biases of the chosen blocks."""
     for i in blocks:
-        for name, p in enc.visual.transformer.resblocks[i].named_parameters():
+        for name, p in model.encoder.visual.transformer.resblocks[i].named_parameters():
             p.requires_grad_(name.endswith("bias"))
     return {}
 
@@ -640,19 +633,17 @@ def tune_vpt(model, cfg, blocks, K):
 
 
 def tune_adapter(model, cfg, blocks, K):
-    enc = model.encoder
-    r = cfg.adapter_dim or size_rule(K, len(blocks), 2)
+    enc, r = model.encoder, cfg.adapter_dim or size_rule(K, len(blocks), 2)
     for i in blocks:
         blk = enc.visual.transformer.resblocks[i]
-        blk.mlp = MLPThenAdapter(blk.mlp, Adapter(enc.width, r))
+        blk.mlp = MLPThenAdapter(blk.mlp, enc.width, r)
     return {"r": r}
 
 
 def tune_lora(model, cfg, blocks, K):
-    enc = model.encoder
     from torch.nn.utils import parametrize
 
-    r = cfg.lora_rank or size_rule(K, len(blocks), 4)
+    enc, r = model.encoder, cfg.lora_rank or size_rule(K, len(blocks), 4)
     for i in blocks:
         attn = enc.visual.transformer.resblocks[i].attn
         parametrize.register_parametrization(attn, "in_proj_weight", LoRA(enc.width, r))
@@ -660,22 +651,15 @@ def tune_lora(model, cfg, blocks, K):
 
 
 def tune_mask(model, cfg, blocks, K):
-    enc = model.encoder
+    """Each weight and bias of the chosen blocks' attention and MLP gets a MaskedUpdate, in this order (one
+    generator draws them all)."""
     from torch.nn.utils import parametrize
 
     gen = torch.Generator().manual_seed(cfg.seed)
     for i in blocks:
-        blk = enc.visual.transformer.resblocks[i]
-        weights = [
-            (blk.attn, "in_proj_weight"),
-            (blk.attn, "in_proj_bias"),
-            (blk.attn.out_proj, "weight"),
-            (blk.attn.out_proj, "bias"),
-            (blk.mlp.c_fc, "weight"),
-            (blk.mlp.c_fc, "bias"),
-            (blk.mlp.c_proj, "weight"),
-            (blk.mlp.c_proj, "bias"),
-        ]
+        blk = model.encoder.visual.transformer.resblocks[i]
+        weights = [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias")]
+        weights += [(m, name) for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj) for name in ("weight", "bias")]
         for module, name in weights:
             tensor = getattr(module, name)
             if round(cfg.mask_ratio * tensor.numel()) > 0:  # a tiny bias may get no entry
@@ -773,6 +757,17 @@ def table_main(argv: list):
         print(results_table(args.folder))
 
 
+def read_results(folder) -> list:
+    """(path, contents) of every results*.json under `folder`, at any depth, in path order."""
+    return [(path, json.loads(path.read_text())) for path in sorted(Path(folder).glob("**/results*.json"))]
+
+
+def markdown_table(columns: str, rows: list) -> str:
+    """A Markdown table: the header 'a | b | ...', then one line per row, a list of cells."""
+    lines = [f"| {columns} |", "|---" * (columns.count("|") + 1) + "|"]
+    return "\n".join(lines + [f"| {' | '.join(map(str, row))} |" for row in rows])
+
+
 def setting_fields(c: dict, keys: tuple) -> list:
     """A run's config values for a table row: `keys`, TTE and epochs; zero-shot trains nothing, so its training
     settings are '-'."""
@@ -781,66 +776,59 @@ def setting_fields(c: dict, keys: tuple) -> list:
     return [c[k] for k in keys] + [c["tte"], c["epochs"]]
 
 
+def accuracy_cells(runs: list) -> list:
+    """Overall, Many, Medium and Few of a run, or mean ± sample std over runs; n/a where no run has a value."""
+    cells = []
+    for k in ("overall", "many", "medium", "few"):
+        v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
+        if not v:
+            cells.append("n/a")
+        elif len(v) == 1:
+            cells.append(f"{v[0]:.2f}")
+        else:
+            cells.append(f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}")
+    return cells
+
+
 def seeds_table(folder) -> str:
     """The results*.json files under `folder` grouped by setting (the config less its seed and run-only flags;
     TTE counts as a setting): mean ± sample std of each group's accuracies, and its seeds."""
-    groups = {}
     kept = ("tte", "expand", "model", "pretrained")  # evaluation settings and the CLIP are part of a setting
     dropped = (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
-    for path in sorted(Path(folder).glob("**/results*.json")):
-        r = json.loads(path.read_text())
-        c = {k: v for k, v in r["config"].items() if k in kept or k not in dropped}
-        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
-    rows = [
-        "| data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    groups = {}
+    for _, r in read_results(folder):
+        setting = {k: v for k, v in r["config"].items() if k in kept or k not in dropped}
+        groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
+    rows = []
     for runs in groups.values():
-        c = runs[0]["config"]
-        seeds = "-"
+        c, seeds = runs[0]["config"], "-"
         if c["tuning"] != "zeroshot":
             seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
-        cells = []
-        for k in ("overall", "many", "medium", "few"):
-            v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
-            cell = "n/a"
-            if len(v) == 1:
-                cell = f"{v[0]:.2f}"
-            if len(v) > 1:
-                cell = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
-            cells.append(cell)
-        fields = " | ".join(map(str, setting_fields(c, ("lr", "init", "mda"))))
-        rows.append(f"| {c['data']} | {c['tuning']} | {fields} | {seeds} | {' | '.join(cells)} |")
-    return "\n".join(rows)
+        rows.append([c["data"], c["tuning"], *setting_fields(c, ("lr", "init", "mda")), seeds, *accuracy_cells(runs)])
+    columns = "data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few"
+    return markdown_table(columns, rows)
 
 
 def results_table(folder) -> str:
     """The results*.json files under `folder` (one per run) as one Markdown table, with each training run's
     time and images per second from its metrics.jsonl."""
-    rows = [
-        "| run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall "
-        "| Many | Medium | Few |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path in sorted(Path(folder).glob("**/results*.json")):
-        r = json.loads(path.read_text())
-        c, m = r["config"], r["metrics"]
-        log, epochs, speed = path.parent / "metrics.jsonl", [], "- | -"
+    rows = []
+    for path, r in read_results(folder):
+        c, log, epochs, speed = r["config"], path.parent / "metrics.jsonl", [], ["-", "-"]
         if log.is_file() and path.name == "results.json":
-            epochs = [json.loads(x) for x in log.read_text().splitlines()]
+            epochs = [json.loads(line) for line in log.read_text().splitlines()]
         if epochs:
-            speed = f"{sum(e['epoch_s'] for e in epochs):.0f} s | {np.mean([e['images_per_s'] for e in epochs]):.0f}"
-        fields = " | ".join(map(str, setting_fields(c, ("init", "loss", "mda"))))
-        cells = " | ".join("n/a" if m[k] is None else f"{m[k]:.2f}" for k in ("overall", "many", "medium", "few"))
-        name = path.parent.name + path.stem[7:]
-        rows.append(
-            f"| {name} | {c['data']} | {c['tuning']} | {fields} | {r['params']['tuned']:,} | {speed} | {cells} |"
-        )
-    return "\n".join(rows)
+            seconds, rate = sum(e["epoch_s"] for e in epochs), np.mean([e["images_per_s"] for e in epochs])
+            speed = [f"{seconds:.0f} s", f"{rate:.0f}"]
+        name = path.parent.name + path.stem[7:]  # results_eval_tte3.json: <run>_eval_tte3
+        fields = setting_fields(c, ("init", "loss", "mda"))
+        rows.append([name, c["data"], c["tuning"], *fields, f"{r['params']['tuned']:,}", *speed, *accuracy_cells([r])])
+    columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall"
+    return markdown_table(columns + " | Many | Medium | Few", rows)
 
 
 # ==========================================================================================
-# APPENDIX B. The benchmarks' files and CLIP's weights: local files, downloads, offline failures
+# APPENDIX B. The benchmarks' split lists and class names, CIFAR-100-LT, CLIP's weights (load_clip)
 # Plugs into Part I at build_data (build_benchmark, build_cifar100_lt) and build_model (load_clip). Offline, every
 # download fails in seconds with the name of the file to fetch elsewhere, instead of after a minute of retries.
 
@@ -864,15 +852,15 @@ SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subf
 SPLIT_URL = "https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{name}"
 
 
-def online(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Can this machine open a connection to host? (A fast check instead of minutes of retries.)"""
+def online(host: str) -> bool:
+    """Can this machine open a connection to host within 3 s? Offline, a download then fails at once."""
     import socket
 
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
+        socket.create_connection((host, 443), timeout=3).close()
     except OSError:
         return False
+    return True
 
 
 def find_split_files(cfg: Config) -> dict:
@@ -883,19 +871,16 @@ def find_split_files(cfg: Config) -> dict:
     spec = SPLIT_LISTS[cfg.data]
     wanted = {"train": spec["train"], "test": spec["test"], **{n: (n,) for n in spec.get("extra", ())}}
     cache = Path(cfg.cache).expanduser() / "splits" / spec["subdir"]
-    if cfg.splits and not Path(cfg.splits).is_dir():
-        raise LiftError(f"--splits {cfg.splits}: no such folder")
     folders = [Path(cfg.root), Path(cfg.root) / spec["subdir"], cache]
     if cfg.splits:
+        if not Path(cfg.splits).is_dir():
+            raise LiftError(f"--splits {cfg.splits}: no such folder")
         folders = [Path(cfg.splits)]
 
-    def locate() -> dict:
-        return {
-            k: next((d / n for d in folders for n in names if (d / n).is_file()), None) for k, names in wanted.items()
-        }
+    def locate(key: str):
+        return next((d / n for d in folders for n in wanted[key] if (d / n).is_file()), None)
 
-    found = locate()
-    missing = [k for k, p in found.items() if p is None]
+    missing = [key for key in wanted if locate(key) is None]
     if missing and not cfg.splits and online("raw.githubusercontent.com"):
         for key in missing:
             url = SPLIT_URL.format(subdir=spec["subdir"], name=wanted[key][-1])  # the LIFT+ code's file names
@@ -904,8 +889,7 @@ def find_split_files(cfg: Config) -> dict:
                 atomic_write(cache / wanted[key][-1], urllib.request.urlopen(url, timeout=60).read())
             except OSError as e:
                 raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
-        found = locate()
-        missing = [k for k, p in found.items() if p is None]
+        missing = [key for key in wanted if locate(key) is None]
     if missing:
         names = ", ".join(" or ".join(wanted[k]) for k in missing)
         where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
@@ -915,7 +899,7 @@ def find_split_files(cfg: Config) -> dict:
             f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
             f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them."
         )
-    return found
+    return {key: locate(key) for key in wanted}
 
 
 def read_split_list(path, root, num_classes=None):
@@ -944,8 +928,8 @@ def build_benchmark(cfg: Config) -> LTData:
     """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists; iNaturalist's test set is its val list."""
     if not Path(cfg.root).is_dir():
         raise LiftError(f"--root {cfg.root}: no such folder (expected the dataset's image root)")
-    files = find_split_files(cfg)  # Appendix B: --splits, --root, cache or download
-    classnames, to_label = benchmark_classnames(cfg, files)  # Appendix B: CLIP's ImageNet names, Places, iNat
+    files = find_split_files(cfg)  # --splits, --root, cache or download
+    classnames, to_label = benchmark_classnames(cfg, files)  # CLIP's ImageNet names, Places, iNat
     splits = {}
     for split in ("train", "test"):
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -1099,11 +1083,19 @@ def resolve_clip(cfg: Config):
 def load_clip(cfg: Config):
     """CLIP of --model with the weights of --pretrained, refused unless a CLIP ViT: (clip, image mean, image std,
     tokenizer). OpenAI's own file is a TorchScript archive, which torch.load(weights_only=True) refuses: it is read
-    with torch.jit.load, as OpenAI's loader does, and every tensor of the open_clip model is copied (none missing)."""
+    with torch.jit.load, as OpenAI's loader does, and every tensor of the open_clip model is copied (none missing).
+    Offline, a tag's weights come from the local hub cache only, so a missing download fails in seconds."""
+    import logging
+
+    import huggingface_hub.constants as hub
     import open_clip
 
     name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
-    with weights_errors(cfg, name, tag_cfg):
+    hub_offline = hub.HF_HUB_OFFLINE
+    if tag_cfg and not online("huggingface.co"):
+        hub.HF_HUB_OFFLINE = True
+    logging.disable(logging.ERROR)  # open_clip logs the failure that weights_error reports
+    try:
         if pretrained and not tag_cfg and is_openai_release(pretrained):
             archive = torch.jit.load(pretrained, map_location="cpu").state_dict()  # also holds metadata scalars
             clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
@@ -1111,6 +1103,11 @@ def load_clip(cfg: Config):
         else:
             cache = os.environ.get("LIFT_CLIP_CACHE")
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache)
+    except Exception as e:  # a download that failed, or a file that does not hold these weights
+        raise LiftError(weights_error(cfg, name, tag_cfg, e)) from None
+    finally:
+        logging.disable(logging.NOTSET)
+        hub.HF_HUB_OFFLINE = hub_offline
     check_vit(clip.visual, cfg)  # Appendix E
     pcfg = {**clip.visual.preprocess_cfg, **{k: v for k, v in tag_cfg.items() if k in ("mean", "std")}}
     act = type(clip.visual.transformer.resblocks[0].mlp.gelu).__name__
@@ -1118,49 +1115,26 @@ def load_clip(cfg: Config):
     return clip.eval(), tuple(pcfg["mean"]), tuple(pcfg["std"]), open_clip.get_tokenizer(name)
 
 
-@contextlib.contextmanager
-def weights_errors(cfg: Config, name: str, tag_cfg: dict):
-    """Around building CLIP: offline, use only the local hub cache (fail in seconds), and turn any failure
-    into one line that says where to get the weights and how to pass them."""
-    import logging
-
-    import huggingface_hub.constants as hf_constants
-
-    offline = hf_constants.HF_HUB_OFFLINE
-    if tag_cfg and not online("huggingface.co"):
-        hf_constants.HF_HUB_OFFLINE = True
-    logging.disable(logging.ERROR)  # open_clip logs the failure we report
-    try:
-        yield
-    except (LiftError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not tag_cfg:
-            raise LiftError(f"--pretrained {cfg.pretrained}: cannot load it into {name}: {first[:300]}") from None
-        hub, hint = tag_cfg.get("hf_hub", "").rstrip("/"), ""
-        if tag_cfg.get("quick_gelu"):
-            hint = (
-                " (OpenAI weights: QuickGELU is detected for OpenAI's .pt file; for a converted state dict add "
-                "--quick-gelu yes)"
-            )
-        raise LiftError(
-            f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({first[:200]}). Offline, download "
-            f"them elsewhere (https://huggingface.co/{hub}, or {tag_cfg.get('url') or 'the tag URL'}) and pass the "
-            f"file: --pretrained /path/to/file{hint}"
-        ) from None
-    finally:
-        logging.disable(logging.NOTSET)
-        hf_constants.HF_HUB_OFFLINE = offline
+def weights_error(cfg: Config, name: str, tag_cfg: dict, e: Exception) -> str:
+    """One line for CLIP's weights that did not load: why, and for a tag, where to get the file and how to pass it."""
+    why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    if not tag_cfg:
+        return f"--pretrained {cfg.pretrained}: cannot load it into {name} ({why})"
+    flags = "--pretrained /path/to/file"
+    if tag_cfg.get("quick_gelu"):  # OpenAI's weights: a converted state dict needs QuickGELU named
+        flags += " --quick-gelu yes"
+    return (
+        f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}). Download them elsewhere "
+        f"(https://huggingface.co/{tag_cfg.get('hf_hub', '').rstrip('/')}, or {tag_cfg.get('url') or 'the tag URL'}) "
+        f"and pass the file: {flags}"
+    )
 
 
 # ==========================================================================================
-# APPENDIX C. The offline world: a tiny CLIP and a long-tailed task for a laptop CPU
+# APPENDIX C. The offline worlds (--data shapes_lt, shapes_lt_wide): their long-tailed task and tiny CLIP in the cache
 # Plugs into Part I at build_data (build_world_task); Part II's finalize_config takes world_clip_files. The
 # world's generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is
 # data/shapes_lt/prepare.py; their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
-
-WORLD_PREPARE = Path(__file__).resolve().parent / "data" / "shapes_lt" / "prepare.py"
 
 
 @functools.cache
@@ -1168,7 +1142,8 @@ def world():
     """data/shapes_lt/prepare.py, the world's generator, as a module (loaded once)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("shapes_lt_prepare", WORLD_PREPARE)
+    path = Path(__file__).resolve().parent / "data" / "shapes_lt" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("shapes_lt_prepare", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -1213,7 +1188,7 @@ def build_world_task(cfg: Config) -> LTData:
 
 
 # ==========================================================================================
-# APPENDIX D. Speed: the same values, computed faster
+# APPENDIX D. Speed, the same values: a leaner encoder, mixed precision, torch.compile, cached features, GPU JPEGs
 # Plugs into Part I's train and over_dataset at autocast_dtype (mixed precision); Part II's fit applies make_fast
 # (on by default; --no-fast runs Part I's taught path alone), --compile and frozen_features (--cache-features); its
 # Job loads JPEGs through gpu_jpeg_views (--gpu-decode, on a GPU) and warms the compiled model up (compile_warmup);
@@ -1240,20 +1215,18 @@ class LeanQuickGELU(nn.Module):
         return self.Function.apply(x)
 
 
-class FastViT(LiftViT):
-    """The last block for the class token alone: only its output is used downstream, so only its query,
+class FastViT(PromptedViT):
+    """The taught encoder, LiftViT or VPT's PromptedViT (without prompts, a PromptedViT runs LiftViT's blocks as they
+    are), with the last block for the class token alone: only its output is used downstream, so only its query,
     MLP and AdaptFormer run; keys and values still come from every token. About 1/13 fewer FLOPs."""
 
     def block(self, i: int, blk, x):
         if i + 1 < len(self.visual.transformer.resblocks):
             return super().block(i, blk, x)
-        y = blk.ln_1(x)  # [B, N, D]
+        x = self.with_prompts(i, x)  # [B, N (+ P), D]
+        y = blk.ln_1(x)
         h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]
         return h + self.mlp_branch(i, blk, h)
-
-
-class FastPromptedViT(PromptedViT, FastViT):
-    """VPT's prompts are inserted first, then FastViT's last block runs (the method resolution order)."""
 
 
 def make_fast(model: LiftModel):
@@ -1264,9 +1237,8 @@ def make_fast(model: LiftModel):
         for name, child in module.named_children():
             if isinstance(child, QuickGELU):
                 setattr(module, name, LeanQuickGELU())
-    taught = model.encoder
-    fast = {LiftViT: FastViT, PromptedViT: FastPromptedViT}[type(taught)](taught.visual)
-    for name, child in taught.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
+    fast = FastViT(model.encoder.visual)
+    for name, child in model.encoder.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
         setattr(fast, name, child)
     model.encoder = fast
 

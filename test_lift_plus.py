@@ -944,6 +944,14 @@ def test_offline_pretrained_tag_fails_fast_with_instructions(configs, monkeypatc
     assert time.time() - t0 < 30
 
 
+def test_a_file_of_other_weights_fails_in_one_line(configs, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    cfg = lp.finalize_config(lp.Config(model=str(configs["TinyViT-test"]), pretrained=str(path)))
+    with pytest.raises(lp.LiftError, match=r"--pretrained .*other.pt: cannot load it into TinyViT-test \(\w+Error: "):
+        lp.load_clip(cfg)
+
+
 def test_openai_torchscript_release_loads_with_quick_gelu(configs, tmp_path):
     """OpenAI ships ViT-B-16.pt as a TorchScript archive of the CLIP module: it must load (torch.load
     with weights_only refuses such archives), be recognised as OpenAI's, and compute the same function."""

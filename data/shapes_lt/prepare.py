@@ -406,10 +406,16 @@ def pretrain_world_clip(spec: WorldSpec, name: str, seed: int):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import lift_plus
+    import json
+    import tempfile
+
+    import open_clip
 
     for world in sys.argv[1:] or ["shapes_lt"]:  # world names: shapes_lt (the default), shapes_lt_wide
-        cfg = lift_plus.finalize_config(lift_plus.Config(data=world))  # registers the world's model config
-        ship_world_clip(lift_plus.open_clip_name(cfg.model), world=world)
+        # the world's CLIP registered as open_clip's model world-<key>, the name lift_plus gives it
+        with tempfile.TemporaryDirectory() as folder:
+            config = Path(folder) / f"world-{world_key(WORLDS[world])}.json"
+            config.write_text(json.dumps(WORLD_CLIP, indent=1))
+            open_clip.add_model_config(config)
+            ship_world_clip(config.stem, world=world)
         print(f"wrote {SHIPPED_CLIPS[world]}")
