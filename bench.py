@@ -556,22 +556,29 @@ def model_rows(device, dtype, arch: str, B: int, iters: int) -> tuple:
 def input_rate(paths, transform, gpu: bool, device, batch: int, workers: int) -> tuple:
     """Images per second of lp.Job.batches as training and evaluation use it, each batch moved to the device as views
     [B, V, 3, S, S]: decoded by `workers` CPU workers (gpu False), or by nvJPEG in the main process (--gpu-decode).
-    Also the main process's seconds per batch in moving it there (JpegBatch.decode: the decode and resize, with the
-    decoder's own wait), and the last batch (for a profile)."""
+    Also the main process's seconds per batch in moving it there (Job.on_device: JpegBatch.decode, the decode and
+    resize, with the decoder's own wait), and the last batch (for a profile)."""
     cfg = lp.finalize_config(lp.Config(data="imagenet_lt", workers=workers, gpu_decode=gpu, batch_size=batch))
     views = lp.Views(lp.ImageSet(paths, [i % K for i in range(len(paths))]), transform)
-    loader, batches = job_batches(views, cfg, device), math.ceil(len(paths) / batch)
-    in_to = 0.0
+    job = lp.Job(cfg, lp.LTData(views.base, views.base, ["x"], np.ones(1, dtype=int)))
+    job.device, job.progress = torch.device(device), lp.Progress(cfg, 1, Path(tempfile.mkdtemp()) / "metrics.jsonl")
+    move, spent, last = job.on_device, [], []
+
+    def on_device(v):  # Job.on_device, timed; the batch as it came from the loader kept for the profile
+        t = time.perf_counter()
+        out = move(v)
+        spent.append(time.perf_counter() - t)
+        last[:] = [v]
+        return out
+
+    job.on_device = on_device
+    batches = math.ceil(len(paths) / batch)
     sync(device)
     t0 = time.perf_counter()
-    for v, _ in loader:
-        t1 = time.perf_counter()
-        if isinstance(v, lp.JpegBatch):
-            v.decode(device)
-        else:
-            v.to(device, non_blocking=True)
-        in_to += time.perf_counter() - t1
+    for _ in job.batches(views, 0, 0):
+        pass
     sync(device)
+    in_to, v = sum(spent), last[0]
     return len(paths) / (time.perf_counter() - t0), in_to / batches, v
 
 

@@ -8,8 +8,8 @@ predictions toward the head classes (Proposition 3.1). LIFT+ keeps CLIP frozen a
                     + minimalist data augmentation (MDA)  [paper: minimalist data augmentation]
                     + test-time ensembling of five crops  [paper: test-time ensembling]
 
-Part I is the method in running order; "# Appendix X" calls lead to A baselines, B benchmark files and CLIP weights,
-C the offline worlds, D speed, E input checks and own folders, F torchrun and predict. Part II runs a job.
+Part I is the method in running order; "# Appendix X" calls lead to A baselines and the table, B benchmark files and
+CLIP weights, C the offline worlds, D speed, E your own image folders and the input checks. Part II runs a job.
 """
 
 from __future__ import annotations
@@ -1700,7 +1700,10 @@ def main(argv=None):
             say(f"\n{stopped_message(cfg)}")
         sys.exit(STOP_CODES[Stop.signum or signal.SIGINT])
     except Exception:  # a worker's death shows as whatever the main process was doing with it
-        lost = lost_worker()
+        try:
+            lost = lost_worker()
+        except RuntimeError:  # torch's SIGCHLD handler reported the same death first
+            lost = lost_worker()
         if lost is None:
             raise
         say(f"error: {lost}")
@@ -2112,6 +2115,15 @@ def pass_signals_on(worker_id: int):
             os.kill(parent, info.si_signo)
 
     threading.Thread(target=relay, daemon=True).start()
+    sys.excepthook = quiet_lost_connections
+
+
+def quiet_lost_connections(kind, error, traceback):
+    """In a worker, the thread that serves its tensors to the main process (multiprocessing's resource sharer) loses
+    its connection when another worker is killed and the main process stops: the main process says why (lost_worker).
+    Any other error is printed."""
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, error, traceback)
 
 
 class Loader(torch.utils.data.DataLoader):
