@@ -1677,10 +1677,8 @@ def main(argv=None):
     SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in Python's own
     traceback."""
     argv = sys.argv[1:] if argv is None else argv
-    Stop.signum = None
-    for s in STOP_CODES:
-        signal.signal(s, on_stop_signal)
-    cfg = None
+    Stop.signum, Loader.workers, cfg = None, [], None
+    before = {s: signal.signal(s, on_stop_signal) for s in STOP_CODES}
     try:
         if argv[:1] == ["table"]:
             return table_main(argv[1:])  # Appendix A: the results table
@@ -1708,6 +1706,12 @@ def main(argv=None):
             raise
         say(f"error: {lost}")
         sys.exit(1)
+    finally:  # for a caller in this process (a test, a notebook); a stopped run keeps ignoring signals until it exits
+        if cfg is not None and not cfg.eval_only:
+            release_lock(run_folder(cfg))
+        if Stop.signum is None:
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
 
 def say(message: str):
@@ -1749,7 +1753,7 @@ def finalize_config(cfg: Config) -> Config:
         lr={"classifier": 0.03, "full": full_lr, "partial": full_lr}.get(t, 0.02),
         workers=0 if cfg.data in WORLDS else min(8, os.cpu_count() or 1),  # the world: 32 px, in memory
     )
-    if cfg.expand is None:
+    if cfg.expand is None and cfg.tte:
         derived["expand"] = round(24 * clip_image_size(cfg) / 224)  # 248 at 224; Appendix B
     if cfg.run_name is None and cfg.checkpoint is None:
         derived["run_name"] = f"{Path(cfg.data).name if os.sep in cfg.data else cfg.data}_{t}_seed{cfg.seed}"
@@ -1757,7 +1761,7 @@ def finalize_config(cfg: Config) -> Config:
     model, pretrained = cfg.model.replace("/", "-"), cfg.pretrained
     if cfg.model.endswith(".json"):
         model = os.path.abspath(os.path.expanduser(cfg.model))
-    if os.path.isfile(os.path.expanduser(pretrained)):
+    if os.sep in pretrained and os.path.isfile(os.path.expanduser(pretrained)):  # a path, not a tag
         pretrained = os.path.abspath(os.path.expanduser(pretrained))
     return dataclasses.replace(cfg, model=model, pretrained=pretrained)
 
@@ -1837,6 +1841,7 @@ def prepare_run(cfg: Config) -> torch.device:
             del LOCKS[str(folder)]
             raise LiftError(f"{folder}: another run is using this run folder; wait for it to end") from None
         except OSError as e:
+            LOCKS.pop(str(folder), None)
             raise LiftError(f"--out / --run-name: cannot write in {folder} ({e.strerror})") from None
     if rank() == 0:
         for tmp in folder.glob("*.tmp*"):  # left by a write that was killed (atomic_write)
@@ -1890,6 +1895,7 @@ class Job:
             if scaler.is_enabled() and state["scaler"]:  # fp16 only: bf16 and fp32 runs have no scale to restore
                 scaler.load_state_dict(state["scaler"])
             self.losses, epoch, step = list(state["train_loss"]), state["epoch"], state["step"]
+            self.lr = sched.get_last_lr()[0]  # the epoch's lr, for its metrics line if no step of it is left
             if rank() == 0:  # the epoch's loss so far is counted once, by one process
                 self.total, self.seen = state["epoch_loss"]
             print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg)}")
@@ -2098,14 +2104,19 @@ def stopped_message(cfg) -> str:
     return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
 
 
-def pass_signals_on(worker_id: int):
+def pass_signals_on(parent: int, worker_id: int):
     """Each DataLoader worker passes a stop signal on to its main process. A cluster (SLURM, Kubernetes) or a terminal
     signals every process of the job, the workers too; so a signal to the whole process group, or to one worker,
     stops the run as one to the main process does. The signals stay blocked in the worker (Loader starts it so) and a
     thread takes them: a SIGTERM from the main process itself is the DataLoader ending its worker, as torch's own
-    handler takes it."""
-    parent = os.getppid()
+    handler takes it. Where the system has no sigwaitinfo (macOS) the worker ignores them, and a signal to the whole
+    process group still stops the run through the main process."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)  # already so where the worker was forked
+    if not hasattr(signal, "sigwaitinfo"):
+        for s in STOP_CODES:
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_CODES)
+        return
 
     def relay():
         while True:
@@ -2134,7 +2145,7 @@ class Loader(torch.utils.data.DataLoader):
     workers = []
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=pass_signals_on, **kwargs)
+        super().__init__(*args, worker_init_fn=functools.partial(pass_signals_on, os.getpid()), **kwargs)
 
     def __iter__(self):
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)
@@ -2360,7 +2371,9 @@ def predict_main(argv: list):
     except Exception:
         raise LiftError(f"--checkpoint {a.checkpoint}: not a lift_plus checkpoint with its run's settings") from None
     prompt = saved["prompt"] if saved["init"] == "semantic" else Config().prompt  # the classifier is the checkpoint's
-    run = dict(resume="no", run_name=None, out=Config().out, device=a.device, workers=a.workers, compile=False)
+    run = dict(
+        resume="no", run_name=None, out=Config().out, device=a.device, workers=a.workers, compile=False, amp="auto"
+    )
     cfg = finalize_config(dataclasses.replace(Config(**saved), **run, eval_only=True, checkpoint=a.checkpoint))
     cfg = dataclasses.replace(cfg, init="semantic", prompt=prompt)
     paths = []

@@ -1799,6 +1799,10 @@ def test_predict_writes_top_k_with_the_runs_views(configs, folder, tmp_path, cap
     assert capsys.readouterr().out.splitlines()[0] == "image,class_1,probability_1"
     err = main_error(capsys, "predict", "--checkpoint", str(tmp_path / "none.pt"), str(images))
     assert err == f"error: --checkpoint {tmp_path / 'none.pt'}: no such file"
+    train_run(configs, folder, tmp_path, epochs=1, tte=False, run_name="centre")  # predicts with its own views
+    capsys.readouterr()
+    lp.main(["predict", "--checkpoint", str(tmp_path / "centre" / "checkpoint.pt"), str(images / "0.png")])
+    assert capsys.readouterr().out.splitlines()[1].startswith(str(images / "0.png"))
 
 
 def test_inat_taxonomy_levels(tmp_path, configs):
@@ -1911,31 +1915,33 @@ def assert_same_run(a: Path, b: Path, exact: bool = True):
 
 
 @pytest.mark.parametrize(
-    "to,signum,workers,code",
+    "to,signum,workers,code,step",
     [
-        ("group", signal.SIGTERM, 2, 143),
-        ("group", signal.SIGUSR1, 2, 75),
-        ("group", signal.SIGINT, 2, 130),
-        ("main", signal.SIGTERM, 2, 143),
-        ("worker", signal.SIGUSR1, 2, 75),
-        ("group", signal.SIGTERM, 0, 143),
-        ("torchrun", signal.SIGTERM, 1, 143),
+        ("group", signal.SIGTERM, 2, 143, 3),
+        ("group", signal.SIGUSR1, 2, 75, 3),
+        ("group", signal.SIGINT, 2, 130, 3),
+        ("main", signal.SIGTERM, 2, 143, 3),
+        ("worker", signal.SIGUSR1, 2, 75, 3),
+        ("group", signal.SIGTERM, 0, 143, 3),
+        ("group", signal.SIGTERM, 2, 143, 7),
+        ("torchrun", signal.SIGTERM, 1, 143, 3),
     ],
 )
 def test_a_signal_to_any_process_of_the_job_stops_at_a_step_and_resumes_exactly(
-    configs, folder, tmp_path, uninterrupted, to, signum, workers, code
+    configs, folder, tmp_path, uninterrupted, to, signum, workers, code, step
 ):
     """SLURM, Kubernetes and a terminal signal every process of a job, the DataLoader workers too. Sent to the
     process group, to the main process alone or to one worker, with a second one while the checkpoint is written:
     the run stops after its step with a checkpoint of that step, says so in one line, and exits with 143 (SIGTERM),
     75 (SIGUSR1: requeue) or 130 (Ctrl-C). Under torchrun every process stops at that step. --resume auto then ends
-    with the uninterrupted run's tensors, optimiser state and results, bit for bit."""
+    with the uninterrupted run's tensors, optimiser state and results, bit for bit, also from the last step of an
+    epoch (step 7 of 7)."""
     script = tmp_path / "signalled.py"
     script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
     args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1 --run-name cut --resume auto")
     args[args.index("--workers") + 1] = str(workers)
     where = "group" if to == "torchrun" else to
-    cmd = [sys.executable, str(script), "10", where, signal.Signals(signum).name]  # step 3 of epoch 2
+    cmd = [sys.executable, str(script), str(7 + step), where, signal.Signals(signum).name]  # step 3 of epoch 2
     if to == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
     r = subprocess.run(
@@ -1949,17 +1955,17 @@ def test_a_signal_to_any_process_of_the_job_stops_at_a_step_and_resumes_exactly(
     assert 'lift_plus.py", line' not in r.stderr, r.stderr[-3000:]  # no traceback of ours
     if to == "torchrun":  # each process exits with the code; torchrun reports them and exits 1, its own way
         assert r.returncode == 1 and r.stderr.count(f"exitcode  : {code} ") == 2, r.stderr[-3000:]
-        assert r.stderr.count("interrupted; epoch 1/3 + 3 steps") == 1, r.stderr[-3000:]
+        assert r.stderr.count(f"interrupted; epoch 1/3 + {step} steps") == 1, r.stderr[-3000:]
     else:
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
         assert r.returncode == code, r.stderr[-3000:]
         assert r.stderr.count(f"{signal.Signals(signum).name}: stopping after this step") == 1, r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert re.fullmatch(
-            r"interrupted; epoch 1/3 \+ 3 steps is in .*cut/checkpoint.pt: continue with --resume", last
+            rf"interrupted; epoch 1/3 \+ {step} steps is in .*cut/checkpoint.pt: continue with --resume", last
         )
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 3)
+    assert (state["epoch"], state["step"]) == (1, step)
     lp.main(tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1 --run-name cut --resume auto"))
     assert_same_run(uninterrupted, tmp_path / "cut", exact=to != "torchrun")
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -1986,6 +1992,19 @@ def test_a_worker_killed_by_sigkill_is_named_and_not_taken_for_a_stop(configs, f
         r"error: a DataLoader worker \(pid \d+\) was killed by SIGKILL, not by a signal to the run .*--resume",
         r.stderr.strip(),
     ), r.stderr
+
+
+def test_workers_without_sigwaitinfo_ignore_stop_signals():
+    """Where the system has no sigwaitinfo (macOS), a worker ignores stop signals and a signal to the process group
+    stops the run through the main process alone."""
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); del signal.sigwaitinfo; import lift_plus as lp; "
+        "lp.pass_signals_on(os.getppid(), 0); "
+        "assert all(signal.getsignal(s) == signal.SIG_IGN for s in lp.STOP_CODES); "
+        "assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(lp.STOP_CODES)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(HERE)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_mid_epoch_checkpoints_and_resume_auto_on_a_fresh_folder(configs, folder, tmp_path, monkeypatch):
