@@ -113,7 +113,7 @@ class Config:
     )
     compile: bool = arg(False, "Appendix D: torch.compile the model's forward and backward before training starts")
     seed: int = arg(0, "seed of the model init, the data order and the crops", low=0, high=2**31 - 1)
-    log_every: int = arg(50, "print a progress line every this many optimiser steps", low=1)
+    log_every: int = arg(50, "refresh the progress bar every this many optimiser steps", low=1)
     check: bool = arg(False, "check every input, the weights and the run folder, print the summary and exit (seconds)")
 
 
@@ -1191,8 +1191,8 @@ def build_world_task(cfg: Config) -> LTData:
 # APPENDIX D. Speed, the same values: a leaner encoder, mixed precision, torch.compile, cached features, GPU JPEGs
 # Plugs into Part I's train and over_dataset at autocast_dtype (mixed precision); Part II's fit applies make_fast
 # (on by default; --no-fast runs Part I's taught path alone), --compile and frozen_features (--cache-features); its
-# Job loads JPEGs through gpu_jpeg_views (--gpu-decode, on a GPU) and warms the compiled model up (compile_warmup);
-# Appendix E's decode_image takes decode_jpeg_fast. Tests keep each equal to the taught path.
+# Job loads JPEGs through gpu_jpeg_views (--gpu-decode, on a GPU, off by default) and decodes them with
+# JpegBatch.decode, and warms the compiled model up (compile_warmup). Tests keep each equal to the taught path.
 
 
 class LeanQuickGELU(nn.Module):
@@ -1669,7 +1669,7 @@ def atomic_torch_save(path: Path, obj):
 # PART II. Running a job: main -> parse_config -> finalize_config -> run_job -> fit -> prepare_run and a Job
 # The Job is what lies beyond the method's recipe (Part I's train and evaluate take it): the epoch's batches of a
 # seeded permutation, resumable mid-epoch and shared among torchrun's processes; checkpoints; the signals of a
-# cluster; progress lines and metrics.jsonl. Then predict, the command for new images.
+# cluster; the progress bar and metrics.jsonl. Then predict, the command for new images.
 
 
 def main(argv=None):

@@ -1356,7 +1356,7 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
 
 
 # ------------------------------------------------------------------------------------------
-# Appendix E. Reliability: flags, combinations
+# Appendix E and Part II. Input checks: flags, combinations
 # ------------------------------------------------------------------------------------------
 
 
@@ -1411,7 +1411,7 @@ def test_results_json_is_strict(configs, folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Appendix E. Reliability: image decoding, folders and lists, resume, the run folder, exits
+# Appendix E and Part II. Image decoding, folders and lists, resume, the run folder, exits
 # ------------------------------------------------------------------------------------------
 
 
@@ -1676,7 +1676,7 @@ def test_check_mode_finds_input_problems_without_training(configs, folder, tmp_p
 
 
 # ------------------------------------------------------------------------------------------
-# Appendix F. torchrun, metrics.jsonl, predict, iNaturalist's taxonomy levels
+# Part II. torchrun, metrics.jsonl, predict; iNaturalist's taxonomy levels
 # ------------------------------------------------------------------------------------------
 
 
