@@ -9,7 +9,7 @@ predictions toward the head classes (Proposition 3.1). LIFT+ keeps CLIP frozen a
                     + test-time ensembling of five crops  [paper: test-time ensembling]
 
 Part I is the method in running order; "# Appendix X" calls lead to A baselines and the table, B benchmark files and
-CLIP weights, C the offline worlds, D speed, E your own image folders and the input checks. Part II runs a job.
+CLIP weights, C the offline worlds, D speed, E your own image folders. Part II runs a job, its flags checked.
 """
 
 from __future__ import annotations
@@ -1349,93 +1349,10 @@ class JpegBatch:
 
 
 # ==========================================================================================
-# APPENDIX E. Your own image folders and image files; input checks
+# APPENDIX E. Your own image folders and image files, the run's summaries of its task and model, atomic files
 # Plugs into Part I at build_data (build_folder) and ImageSet (read_image); predict lists folders with image_files;
-# load_clip calls check_vit; Part II runs check_flags, summarize_data, describe_tuning and check_inputs. Bad input ends
-# in one line that names the flag or file.
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_value(f: dataclasses.Field, value):
-    """Refuse a value outside the field's choices or range, NaN and inf included."""
-    m = f.metadata
-    if m["choices"] and value not in m["choices"]:
-        raise LiftError(f"{flag(f.name)}: expected one of {', '.join(m['choices'])}, got '{value}'")
-    if "low" not in m or value is None:
-        return
-    lo, hi, open_lo, open_hi = m["low"], m.get("high"), m.get("open_low"), m.get("open_high")
-    ok = math.isfinite(value) and (value > lo if open_lo else value >= lo)
-    if hi is not None:
-        ok = ok and (value < hi if open_hi else value <= hi)
-    if not ok:
-        kind = "an integer" if "int" in f.type else "a number"
-        span = f"{'>' if open_lo else '>='} {lo}"
-        if hi is not None:
-            span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-        raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
-
-
-def check_flags(cfg: Config):
-    """Every value in its range, and no flag that this combination would silently ignore."""
-    for f in dataclasses.fields(cfg):
-        check_value(f, getattr(cfg, f.name))
-    c, d, t = cfg, Config(), cfg.tuning
-    parts = dict(adapter_dim="adaptformer adapter", lora_rank="lora", vpt_len="vpt", partial_blocks="partial")
-    for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
-        if getattr(c, name) != getattr(d, name) and t not in methods.split():
-            raise LiftError(f"{flag(name)} applies to --tuning {methods.replace(' ', ' / ')} only, not --tuning {t}")
-    no_blocks = f"--tuning {t} tunes no vision blocks by index"
-    if t == "partial":
-        no_blocks += " (use --partial-blocks)"
-    refused = [  # (flag, refused?, why)
-        (f"--prompt '{c.prompt}'", "{}" not in c.prompt, "the template needs {} where the class name goes"),
-        (
-            f"--batch-size {c.batch_size}",
-            c.batch_size % c.accum_steps > 0,
-            f"not divisible by --accum-steps {c.accum_steps}",
-        ),
-        ("--blocks", c.blocks is not None and t in ("classifier", "zeroshot", "partial"), no_blocks),
-        (f"--init {c.init}", t == "zeroshot" and c.init != "semantic", "zero-shot classifies with the text prompts"),
-        (
-            "--prompt",
-            c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot",
-            f"--init {c.init} uses no prompt",
-        ),
-        ("--tau", c.tau != d.tau and c.loss == "ce", "--loss ce has no logit adjustment (use --loss la)"),
-        (
-            "--min-scale",
-            c.min_scale != d.min_scale and c.mda == "max",
-            "--mda max crops the largest square every epoch",
-        ),
-        ("--expand", c.expand is not None and not c.tte, "--no-tte resizes to S + S // 7 and takes the centre crop"),
-        ("--splits", c.splits is not None and c.data not in BENCHMARKS, f"--data {c.data} has no split lists"),
-        ("--inat-level", c.inat_level != d.inat_level and c.data != "inat2018", "applies to --data inat2018 only"),
-        ("--eval-split val", c.eval_split == "val" and c.data not in WORLDS, f"--data {c.data} has no val split"),
-        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no image root"),
-        (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
-        (
-            "--checkpoint",
-            c.checkpoint and not c.eval_only,
-            "read by --eval-only only; to continue a training run use --resume",
-        ),
-        ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
-        (
-            "--out / --run-name",
-            c.eval_only and c.checkpoint and (c.run_name or c.out != d.out),
-            "--eval-only writes its results beside --checkpoint",
-        ),
-        (
-            "--eval-only",
-            c.eval_only and not c.checkpoint and t != "zeroshot",
-            "needs --checkpoint FILE (only --tuning zeroshot evaluates without one)",
-        ),
-    ]
-    for name, given, why in refused:
-        if given:
-            raise LiftError(f"{name}: {why}")
+# load_clip calls check_vit; Part II's fit prints summarize_data and describe_tuning. Bad input ends in one line that
+# names the flag or file.
 
 
 def check_vit(visual, cfg: Config):
@@ -1622,27 +1539,6 @@ def describe_tuning(model: LiftModel) -> str:
     )
 
 
-def check_inputs(cfg: Config, data: LTData, model: LiftModel):
-    """--check: after fit built and checked the task, the weights and the run folder without training,
-    every listed image file must exist and a sample of each split must decode; a --resume must agree
-    with its checkpoint. Prints what it checked."""
-    for split, images in (("train", data.train), ("test", data.test)):
-        if isinstance(images.images, list):
-            missing = [p for p in images.images if not os.path.isfile(p)]
-            if missing:
-                raise LiftError(f"{len(missing)} of the {len(images)} {split} images are missing, e.g. {missing[0]}")
-        for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), 64)).astype(int)):
-            images.load(int(i))
-    ckpt = run_folder(cfg) / "checkpoint.pt"
-    if cfg.resume != "no" and ckpt.exists():
-        load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
-    where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
-    print(
-        f"check passed: flags, {len(data.train) + len(data.test)} image files, the weights and {where}; "
-        "nothing was trained"
-    )
-
-
 def atomic_write(path: Path, payload: bytes):
     """Write a temporary file in the same folder, then rename it: a crash never leaves half a file."""
     path = Path(path)
@@ -1744,7 +1640,7 @@ def finalize_config(cfg: Config) -> Config:
     """Check every flag, then derive every default that depends on others. The one writer of a Config: nothing
     changes it afterwards, and run.json, checkpoints and results.json record it as it is here. The model's spelling
     is made one (ViT-B/16 is ViT-B-16, a file is its absolute path), so that a checkpoint compares by what it is."""
-    check_flags(cfg)  # Appendix E: every value and combination
+    check_flags(cfg)  # every value and combination
     if cfg.data in WORLDS:
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))  # Appendix C: the world brings its own CLIP
     t, full_lr = cfg.tuning, 0.002 if cfg.data == "places_lt" else 0.001
@@ -1766,15 +1662,119 @@ def finalize_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, pretrained=pretrained)
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(f: dataclasses.Field, value):
+    """Refuse a value outside the field's choices or range, NaN and inf included."""
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        raise LiftError(f"{flag(f.name)}: expected one of {', '.join(m['choices'])}, got '{value}'")
+    if "low" not in m or value is None:
+        return
+    lo, hi, open_lo, open_hi = m["low"], m.get("high"), m.get("open_low"), m.get("open_high")
+    ok = math.isfinite(value) and (value > lo if open_lo else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if open_hi else value <= hi)
+    if not ok:
+        kind = "an integer" if "int" in f.type else "a number"
+        span = f"{'>' if open_lo else '>='} {lo}"
+        if hi is not None:
+            span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+        raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
+
+
+def check_flags(cfg: Config):
+    """Every value in its range, and no flag that this combination would silently ignore."""
+    for f in dataclasses.fields(cfg):
+        check_value(f, getattr(cfg, f.name))
+    c, d, t = cfg, Config(), cfg.tuning
+    parts = dict(adapter_dim="adaptformer adapter", lora_rank="lora", vpt_len="vpt", partial_blocks="partial")
+    for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
+        if getattr(c, name) != getattr(d, name) and t not in methods.split():
+            raise LiftError(f"{flag(name)} applies to --tuning {methods.replace(' ', ' / ')} only, not --tuning {t}")
+    no_blocks = f"--tuning {t} tunes no vision blocks by index"
+    if t == "partial":
+        no_blocks += " (use --partial-blocks)"
+    refused = [  # (flag, refused?, why)
+        (f"--prompt '{c.prompt}'", "{}" not in c.prompt, "the template needs {} where the class name goes"),
+        (
+            f"--batch-size {c.batch_size}",
+            c.batch_size % c.accum_steps > 0,
+            f"not divisible by --accum-steps {c.accum_steps}",
+        ),
+        ("--blocks", c.blocks is not None and t in ("classifier", "zeroshot", "partial"), no_blocks),
+        (f"--init {c.init}", t == "zeroshot" and c.init != "semantic", "zero-shot classifies with the text prompts"),
+        (
+            "--prompt",
+            c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot",
+            f"--init {c.init} uses no prompt",
+        ),
+        ("--tau", c.tau != d.tau and c.loss == "ce", "--loss ce has no logit adjustment (use --loss la)"),
+        (
+            "--min-scale",
+            c.min_scale != d.min_scale and c.mda == "max",
+            "--mda max crops the largest square every epoch",
+        ),
+        ("--expand", c.expand is not None and not c.tte, "--no-tte resizes to S + S // 7 and takes the centre crop"),
+        ("--splits", c.splits is not None and c.data not in BENCHMARKS, f"--data {c.data} has no split lists"),
+        ("--inat-level", c.inat_level != d.inat_level and c.data != "inat2018", "applies to --data inat2018 only"),
+        ("--eval-split val", c.eval_split == "val" and c.data not in WORLDS, f"--data {c.data} has no val split"),
+        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no image root"),
+        (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
+        (
+            "--checkpoint",
+            c.checkpoint and not c.eval_only,
+            "read by --eval-only only; to continue a training run use --resume",
+        ),
+        ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
+        (
+            "--out / --run-name",
+            c.eval_only and c.checkpoint and (c.run_name or c.out != d.out),
+            "--eval-only writes its results beside --checkpoint",
+        ),
+        (
+            "--eval-only",
+            c.eval_only and not c.checkpoint and t != "zeroshot",
+            "needs --checkpoint FILE (only --tuning zeroshot evaluates without one)",
+        ),
+    ]
+    for name, given, why in refused:
+        if given:
+            raise LiftError(f"{name}: {why}")
+
+
 def run_job(cfg: Config) -> dict:
     """What main runs for a config: fit, then --check's checks, or the evaluation written to results.json."""
     data, model = fit(cfg)
     if cfg.check:
-        return check_inputs(cfg, data, model)  # Appendix E: --check trains and evaluates nothing
+        return check_inputs(cfg, data, model)  # --check trains and evaluates nothing
     report = evaluate(cfg, data, model, Job(cfg, data, model))
     if rank() == 0:
         write_results(cfg, data, model, report)
     return report
+
+
+def check_inputs(cfg: Config, data: LTData, model: LiftModel):
+    """--check: after fit built and checked the task, the weights and the run folder without training,
+    every listed image file must exist and a sample of each split must decode; a --resume must agree
+    with its checkpoint. Prints what it checked."""
+    for split, images in (("train", data.train), ("test", data.test)):
+        if isinstance(images.images, list):
+            missing = [p for p in images.images if not os.path.isfile(p)]
+            if missing:
+                raise LiftError(f"{len(missing)} of the {len(images)} {split} images are missing, e.g. {missing[0]}")
+        for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), 64)).astype(int)):
+            images.load(int(i))
+    ckpt = run_folder(cfg) / "checkpoint.pt"
+    if cfg.resume != "no" and ckpt.exists():
+        load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
+    where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
+    print(
+        f"check passed: flags, {len(data.train) + len(data.test)} image files, the weights and {where}; "
+        "nothing was trained"
+    )
 
 
 def fit(cfg: Config) -> tuple:
