@@ -880,7 +880,8 @@ def find_split_files(cfg: Config) -> dict:
     def locate(key: str):
         return next((d / n for d in folders for n in wanted[key] if (d / n).is_file()), None)
 
-    missing = [key for key in wanted if locate(key) is None]
+    found = {key: locate(key) for key in wanted}
+    missing = [key for key, path in found.items() if path is None]
     if missing and not cfg.splits and online("raw.githubusercontent.com"):
         for key in missing:
             url = SPLIT_URL.format(subdir=spec["subdir"], name=wanted[key][-1])  # the LIFT+ code's file names
@@ -889,7 +890,8 @@ def find_split_files(cfg: Config) -> dict:
                 atomic_write(cache / wanted[key][-1], urllib.request.urlopen(url, timeout=60).read())
             except OSError as e:
                 raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
-        missing = [key for key in wanted if locate(key) is None]
+        found = {key: locate(key) for key in wanted}
+        missing = [key for key, path in found.items() if path is None]
     if missing:
         names = ", ".join(" or ".join(wanted[k]) for k in missing)
         where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
@@ -899,7 +901,7 @@ def find_split_files(cfg: Config) -> dict:
             f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
             f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them."
         )
-    return {key: locate(key) for key in wanted}
+    return found
 
 
 def read_split_list(path, root, num_classes=None):
@@ -1377,13 +1379,15 @@ def read_image(path) -> torch.Tensor:
     no EXIF rotation, the first frame, alpha dropped), but 16-bit samples scaled to 8 bits (convert clips them) and
     32-bit or float samples refused. JPEGs go through TorchCodec where it loads: PIL's pixels, about 1.4x faster."""
     try:
-        raw = Path(path).read_bytes()
-        im = Image.open(io.BytesIO(raw))  # reads the header only
-        if raw[:2] == b"\xff\xd8" and torchcodec_jpeg() is not None and not exif_rotated(im):
-            try:
-                return torchcodec_jpeg()(raw, mode="RGB")
-            except (RuntimeError, ValueError):
-                pass  # a JPEG TorchCodec refuses: PIL reads it
+        raw, decode = Path(path).read_bytes(), torchcodec_jpeg()
+        if raw[:2] == b"\xff\xd8" and decode is not None:
+            # PIL parses the header only where an EXIF block may hold a rotation
+            if not (b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw)))):
+                try:
+                    return decode(raw, mode="RGB")
+                except (RuntimeError, ValueError):
+                    pass  # a JPEG TorchCodec refuses: PIL reads it
+        im = Image.open(io.BytesIO(raw))
         im.load()  # a truncated file fails here
         if im.mode in ("I", "F"):
             kind = "32-bit integer" if im.mode == "I" else "floating-point"
@@ -1725,7 +1729,7 @@ def check_flags(cfg: Config):
         (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
         (
             "--checkpoint",
-            c.checkpoint and not c.eval_only,
+            c.checkpoint is not None and not c.eval_only,
             "read by --eval-only only; to continue a training run use --resume",
         ),
         ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
@@ -1829,7 +1833,7 @@ def prepare_run(cfg: Config) -> torch.device:
             raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
     folder, ckpt = run_folder(cfg), run_folder(cfg) / "checkpoint.pt"
     if cfg.eval_only:
-        if not Path(cfg.checkpoint or ".").is_file() and cfg.checkpoint:
+        if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
             raise LiftError(f"--checkpoint {cfg.checkpoint}: no such file")
         return device
     if rank() == 0 and str(folder) not in LOCKS:  # the first process holds the folder, unless it already does
@@ -1993,8 +1997,10 @@ def tuned_state(model: nn.Module) -> dict:
 
 
 def save_checkpoint(path: Path, cfg: Config, data: LTData, model: LiftModel, state: dict):
-    state = dict(state, config=dataclasses.asdict(cfg), tuned=tuned_state(model), classnames=list(data.classnames))
-    atomic_torch_save(path, dict(state, train_counts=[int(n) for n in data.train_counts]))
+    """The Job's state (where the run is, the optimiser, schedule and scaler) with what a loader checks and reads: the
+    run's config, the tuned tensors, the class names and counts (predict rebuilds the model from them)."""
+    classes = dict(classnames=list(data.classnames), train_counts=[int(n) for n in data.train_counts])
+    atomic_torch_save(path, {**state, "config": dataclasses.asdict(cfg), "tuned": tuned_state(model), **classes})
 
 
 # flags a resumed run may change: how it runs, not what it computes
@@ -2371,11 +2377,9 @@ def predict_main(argv: list):
     except Exception:
         raise LiftError(f"--checkpoint {a.checkpoint}: not a lift_plus checkpoint with its run's settings") from None
     prompt = saved["prompt"] if saved["init"] == "semantic" else Config().prompt  # the classifier is the checkpoint's
-    run = dict(
-        resume="no", run_name=None, out=Config().out, device=a.device, workers=a.workers, compile=False, amp="auto"
-    )
-    cfg = finalize_config(dataclasses.replace(Config(**saved), **run, eval_only=True, checkpoint=a.checkpoint))
-    cfg = dataclasses.replace(cfg, init="semantic", prompt=prompt)
+    run = dict(resume="no", run_name=None, out=Config().out, device=a.device, workers=a.workers, amp="auto")
+    run.update(compile=False, init="semantic", prompt=prompt, eval_only=True, checkpoint=a.checkpoint)
+    cfg = finalize_config(dataclasses.replace(Config(**saved), **run))
     paths = []
     for item in map(Path, a.images):
         if not item.exists():
@@ -2392,20 +2396,17 @@ def predict_main(argv: list):
     views = Views(ImageSet(paths, [0] * len(paths)), test_views(cfg, model.image_size))  # the run's own test views
     logits, _ = over_dataset(lambda v: tte_logits(model, v), model, views, cfg)
     prob, top = logits.softmax(dim=1).topk(min(a.top_k, data.num_classes), dim=1)  # [N, k]
-    header = ["image"] + [f"{x}_{i + 1}" for i in range(top.shape[1]) for x in ("class", "probability")]
-    rows = [
-        [p] + [v for c, q in zip(t, pr) for v in (data.classnames[c], round(q, 6))]
-        for p, t, pr in zip(paths, top.tolist(), prob.tolist())
-    ]
+    tops = [[(data.classnames[c], round(q, 6)) for c, q in zip(t, pr)] for t, pr in zip(top.tolist(), prob.tolist())]
     if a.out and a.out.endswith(".json"):
-        items = [
-            {"image": r[0], "top": [{"class": c, "probability": q} for c, q in zip(r[1::2], r[2::2])]} for r in rows
-        ]
-        return atomic_write(Path(a.out), json.dumps(items, indent=1).encode())
+        rows = [{"image": p, "top": [{"class": c, "probability": q} for c, q in t]} for p, t in zip(paths, tops)]
+        return atomic_write(Path(a.out), json.dumps(rows, indent=1).encode())
     import csv
 
     buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
+    csv.writer(buf).writerow(
+        ["image"] + [f"{x}_{i + 1}" for i in range(top.shape[1]) for x in ("class", "probability")]
+    )
+    csv.writer(buf).writerows([[p] + [v for pair in t for v in pair] for p, t in zip(paths, tops)])
     if a.out:
         return atomic_write(Path(a.out), buf.getvalue().encode())
     print(buf.getvalue(), end="")
