@@ -1885,6 +1885,21 @@ lp.main(sys.argv[4:])
 """
 
 
+def signalled_run(tmp_path: Path, at: int, to: str, signame: str, args: list, launcher: tuple = (sys.executable,)):
+    """SIGNALLED_RUN in a session of its own (its process group is the run's alone): `signame` sent to `to` during
+    the `at`-th micro-batch's loss."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
+    return subprocess.run(
+        [*launcher, str(script), str(at), to, signame, *args],
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(configs, folder, tmp_path_factory):
     """The run that the signalled runs must end as: 3 epochs of 7 steps of 8 images on the image folder."""
@@ -1936,22 +1951,15 @@ def test_a_signal_to_any_process_of_the_job_stops_at_a_step_and_resumes_exactly(
     75 (SIGUSR1: requeue) or 130 (Ctrl-C). Under torchrun every process stops at that step. --resume auto then ends
     with the uninterrupted run's tensors, optimiser state and results, bit for bit, also from the last step of an
     epoch (step 7 of 7)."""
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
     args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --seed 1 --run-name cut --resume auto")
     args[args.index("--workers") + 1] = str(workers)
-    where = "group" if to == "torchrun" else to
-    cmd = [sys.executable, str(script), str(7 + step), where, signal.Signals(signum).name]  # step 3 of epoch 2
+    launcher, where = (sys.executable,), to
     if to == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
-    r = subprocess.run(
-        cmd + args,
-        capture_output=True,
-        text=True,
-        start_new_session=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+        launcher, where = (
+            (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+            "group",
+        )
+    r = signalled_run(tmp_path, 7 + step, where, signal.Signals(signum).name, args, launcher)  # epoch 2's step
     assert 'lift_plus.py", line' not in r.stderr, r.stderr[-3000:]  # no traceback of ours
     if to == "torchrun":  # each process exits with the code; torchrun reports them and exits 1, its own way
         assert r.returncode == 1 and r.stderr.count(f"exitcode  : {code} ") == 2, r.stderr[-3000:]
@@ -1975,18 +1983,9 @@ def test_a_signal_to_any_process_of_the_job_stops_at_a_step_and_resumes_exactly(
 def test_a_worker_killed_by_sigkill_is_named_and_not_taken_for_a_stop(configs, folder, tmp_path):
     """The out-of-memory killer's SIGKILL to one DataLoader worker, mid-epoch while it still has batches to load: one
     line naming it, exit 1, no traceback (also none from the other worker, whose connection the stop breaks)."""
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED_RUN.format(here=str(HERE)))
     args = tiny_args(configs, folder, tmp_path, "--epochs 3 --batch-size 8 --run-name killed")
     args[args.index("--workers") + 1] = "2"
-    r = subprocess.run(
-        [sys.executable, str(script), "3", "kill", "SIGKILL", *args],
-        capture_output=True,
-        text=True,
-        start_new_session=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    r = signalled_run(tmp_path, 3, "kill", "SIGKILL", args)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
     assert re.fullmatch(
         r"error: a DataLoader worker \(pid \d+\) was killed by SIGKILL, not by a signal to the run .*--resume",
