@@ -282,12 +282,17 @@ def input_pipeline(count=200):
     return rates
 
 
-def job_batches(views, cfg, device, epoch: int = 0):
-    """The batches lp.train gets in an epoch: lp.Job.batches (a seeded permutation; on a GPU pinned memory and, with
-    --gpu-decode, JpegBatch items that decode on JpegBatch.decode(device))."""
+def input_job(views, cfg, device):
+    """An lp.Job that serves the batches lp.train gets from `views` (a seeded permutation; on a GPU pinned memory and,
+    with --gpu-decode, JpegBatch items that Job.on_device decodes with JpegBatch.decode(device))."""
     job = lp.Job(cfg, lp.LTData(views.base, views.base, ["x"], np.ones(1, dtype=int)))
     job.device, job.progress = torch.device(device), lp.Progress(cfg, 1, Path(tempfile.mkdtemp()) / "metrics.jsonl")
-    return job.batches(views, epoch, 0)
+    return job
+
+
+def job_batches(views, cfg, device, epoch: int = 0):
+    """The batches lp.train gets in an epoch: lp.Job.batches."""
+    return input_job(views, cfg, device).batches(views, epoch, 0)
 
 
 def loader_rates(count, workers=(0, 1, 2), passes=3, device="cpu", batch=32):
@@ -560,8 +565,7 @@ def input_rate(paths, transform, gpu: bool, device, batch: int, workers: int) ->
     resize, with the decoder's own wait), and the last batch (for a profile)."""
     cfg = lp.finalize_config(lp.Config(data="imagenet_lt", workers=workers, gpu_decode=gpu, batch_size=batch))
     views = lp.Views(lp.ImageSet(paths, [i % K for i in range(len(paths))]), transform)
-    job = lp.Job(cfg, lp.LTData(views.base, views.base, ["x"], np.ones(1, dtype=int)))
-    job.device, job.progress = torch.device(device), lp.Progress(cfg, 1, Path(tempfile.mkdtemp()) / "metrics.jsonl")
+    job = input_job(views, cfg, device)
     move, spent, last = job.on_device, [], []
 
     def on_device(v):  # Job.on_device, timed; the batch as it came from the loader kept for the profile
