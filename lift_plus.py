@@ -1566,16 +1566,14 @@ def atomic_torch_save(path: Path, obj):
 
 
 # ==========================================================================================
-# PART II. Running a job: main -> parse_config -> finalize_config -> run_job -> fit -> prepare_run and a Job
-# The Job is what lies beyond the method's recipe (Part I's train and evaluate take it): the epoch's batches of a
-# seeded permutation, resumable mid-epoch and shared among torchrun's processes; checkpoints; the signals of a
-# cluster; the progress bar and metrics.jsonl. Then predict, the command for new images.
+# PART II. Running a job: main -> parse_config -> run_job -> fit -> a Job for Part I's train and evaluate
+# The Job is what lies beyond the method's recipe: seeded batches, resumable mid-epoch and shared among torchrun's
+# processes; checkpoints; the signals of a cluster; progress and metrics.jsonl. Then the predict command.
 
 
 def main(argv=None):
-    """Bad input ends in one line (exit 2); a signal in one line naming what was saved (130 for Ctrl-C, 143 for
-    SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in Python's own
-    traceback."""
+    """Bad input ends in one line (exit 2); a stop signal in one line naming what was saved (130 for Ctrl-C, 143 for
+    SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     Stop.signum, Loader.workers, cfg = None, [], None
     before = {s: signal.signal(s, on_stop_signal) for s in STOP_CODES}
@@ -1588,8 +1586,8 @@ def main(argv=None):
         run_job(cfg)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # before the interpreter exits, or its threads may abort it
-    except LiftError as e:  # also raised in a DataLoader worker, which puts its traceback into the message
-        say("error: " + str(e).strip().splitlines()[-1].split("LiftError: ", 1)[-1])
+    except LiftError as e:
+        say(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:
         for s in STOP_CODES:
@@ -1640,11 +1638,14 @@ def parse_config(argv=None) -> Config:
     return finalize_config(Config(**vars(parser.parse_args(argv))))
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def finalize_config(cfg: Config) -> Config:
-    """Check every flag, then derive every default that depends on others. The one writer of a Config: nothing
-    changes it afterwards, and run.json, checkpoints and results.json record it as it is here. The model's spelling
-    is made one (ViT-B/16 is ViT-B-16, a file is its absolute path), so that a checkpoint compares by what it is."""
-    check_flags(cfg)  # every value and combination
+    """Check every flag, then derive the defaults that depend on others; nothing changes a Config afterwards. A model's
+    spelling is made one (ViT-B/16 is ViT-B-16, a file its absolute path): checkpoints compare what the model is."""
+    check_flags(cfg)
     if cfg.data in WORLDS:
         cfg = dataclasses.replace(cfg, **world_clip_files(cfg))  # Appendix C: the world brings its own CLIP
     t, full_lr = cfg.tuning, 0.002 if cfg.data == "places_lt" else 0.001
@@ -1666,33 +1667,23 @@ def finalize_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, pretrained=pretrained)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_value(f: dataclasses.Field, value):
-    """Refuse a value outside the field's choices or range, NaN and inf included."""
-    m = f.metadata
-    if m["choices"] and value not in m["choices"]:
-        raise LiftError(f"{flag(f.name)}: expected one of {', '.join(m['choices'])}, got '{value}'")
-    if "low" not in m or value is None:
-        return
-    lo, hi, open_lo, open_hi = m["low"], m.get("high"), m.get("open_low"), m.get("open_high")
-    ok = math.isfinite(value) and (value > lo if open_lo else value >= lo)
-    if hi is not None:
-        ok = ok and (value < hi if open_hi else value <= hi)
-    if not ok:
-        kind = "an integer" if "int" in f.type else "a number"
-        span = f"{'>' if open_lo else '>='} {lo}"
+def check_flags(cfg: Config):
+    """Every value in its choices or range (NaN and inf refused); no flag that this combination would ignore."""
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if m["choices"] and value not in m["choices"]:
+            raise LiftError(f"{flag(f.name)}: expected one of {', '.join(m['choices'])}, got '{value}'")
+        if "low" not in m or value is None:
+            continue
+        lo, hi, open_lo, open_hi = m["low"], m.get("high"), m.get("open_low"), m.get("open_high")
+        span, ok = f"{'>' if open_lo else '>='} {lo}", math.isfinite(value) and (value > lo if open_lo else value >= lo)
         if hi is not None:
             span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-        raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
-
-
-def check_flags(cfg: Config):
-    """Every value in its range, and no flag that this combination would silently ignore."""
-    for f in dataclasses.fields(cfg):
-        check_value(f, getattr(cfg, f.name))
+            ok = ok and (value < hi if open_hi else value <= hi)
+        if not ok:
+            raise LiftError(
+                f"{flag(f.name)}: expected {'an integer' if 'int' in f.type else 'a number'} {span}, got {value}"
+            )
     c, d, t = cfg, Config(), cfg.tuning
     parts = dict(adapter_dim="adaptformer adapter", lora_rank="lora", vpt_len="vpt", partial_blocks="partial")
     for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
@@ -1705,33 +1696,21 @@ def check_flags(cfg: Config):
         (f"--prompt '{c.prompt}'", "{}" not in c.prompt, "the template needs {} where the class name goes"),
         (
             f"--batch-size {c.batch_size}",
-            c.batch_size % c.accum_steps > 0,
+            c.batch_size % c.accum_steps,
             f"not divisible by --accum-steps {c.accum_steps}",
         ),
-        ("--blocks", c.blocks is not None and t in ("classifier", "zeroshot", "partial"), no_blocks),
+        ("--blocks", c.blocks and t in ("classifier", "zeroshot", "partial"), no_blocks),
         (f"--init {c.init}", t == "zeroshot" and c.init != "semantic", "zero-shot classifies with the text prompts"),
-        (
-            "--prompt",
-            c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot",
-            f"--init {c.init} uses no prompt",
-        ),
+        ("--prompt", c.prompt != d.prompt and c.init != "semantic" != t, f"--init {c.init} uses no prompt"),
         ("--tau", c.tau != d.tau and c.loss == "ce", "--loss ce has no logit adjustment (use --loss la)"),
-        (
-            "--min-scale",
-            c.min_scale != d.min_scale and c.mda == "max",
-            "--mda max crops the largest square every epoch",
-        ),
+        ("--min-scale", c.min_scale != d.min_scale and c.mda == "max", "--mda max crops the largest square"),
         ("--expand", c.expand is not None and not c.tte, "--no-tte resizes to S + S // 7 and takes the centre crop"),
         ("--splits", c.splits is not None and c.data not in BENCHMARKS, f"--data {c.data} has no split lists"),
         ("--inat-level", c.inat_level != d.inat_level and c.data != "inat2018", "applies to --data inat2018 only"),
         ("--eval-split val", c.eval_split == "val" and c.data not in WORLDS, f"--data {c.data} has no val split"),
-        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no image root"),
+        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no root"),
         (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
-        (
-            "--checkpoint",
-            c.checkpoint is not None and not c.eval_only,
-            "read by --eval-only only; to continue a training run use --resume",
-        ),
+        ("--checkpoint", c.checkpoint and not c.eval_only, "read by --eval-only only; to continue a run use --resume"),
         ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
         (
             "--out / --run-name",
@@ -1741,7 +1720,7 @@ def check_flags(cfg: Config):
         (
             "--eval-only",
             c.eval_only and not c.checkpoint and t != "zeroshot",
-            "needs --checkpoint FILE (only --tuning zeroshot evaluates without one)",
+            "needs --checkpoint FILE (or --tuning zeroshot)",
         ),
     ]
     for name, given, why in refused:
@@ -1761,9 +1740,7 @@ def run_job(cfg: Config) -> dict:
 
 
 def check_inputs(cfg: Config, data: LTData, model: LiftModel):
-    """--check: after fit built and checked the task, the weights and the run folder without training,
-    every listed image file must exist and a sample of each split must decode; a --resume must agree
-    with its checkpoint. Prints what it checked."""
+    """--check: every listed image exists, a sample of each split decodes and a --resume agrees with its checkpoint."""
     for split, images in (("train", data.train), ("test", data.test)):
         if isinstance(images.images, list):
             missing = [p for p in images.images if not os.path.isfile(p)]
@@ -1775,10 +1752,8 @@ def check_inputs(cfg: Config, data: LTData, model: LiftModel):
     if cfg.resume != "no" and ckpt.exists():
         load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
     where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
-    print(
-        f"check passed: flags, {len(data.train) + len(data.test)} image files, the weights and {where}; "
-        "nothing was trained"
-    )
+    files = len(data.train) + len(data.test)
+    print(f"check passed: flags, {files} image files, the weights and {where}; nothing was trained")
 
 
 def fit(cfg: Config) -> tuple:
@@ -1816,12 +1791,10 @@ def run_folder(cfg: Config) -> Path:
 
 
 def prepare_run(cfg: Config) -> torch.device:
-    """Before anything is built: the device exists; the run folder is a folder that no other live run holds (a
-    lock, released when its process ends); --resume has a checkpoint to continue and a new run none to overwrite;
-    run.json records the run. Returns the device."""
+    """The device; the run folder, locked until the run ends; a checkpoint for --resume, none to overwrite; run.json."""
     import filelock
 
-    device = start_processes(cfg)  # torchrun's process group
+    device = start_processes(cfg)  # torchrun's process group, or None
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if cfg.device != "auto":
@@ -1840,7 +1813,7 @@ def prepare_run(cfg: Config) -> torch.device:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             LOCKS[str(folder)] = filelock.FileLock(folder / "lock")
-            LOCKS[str(folder)].acquire(timeout=0)  # held until this process ends or writes its results
+            LOCKS[str(folder)].acquire(timeout=0)
         except filelock.Timeout:
             del LOCKS[str(folder)]
             raise LiftError(f"{folder}: another run is using this run folder; wait for it to end") from None
@@ -1868,15 +1841,13 @@ LOCKS = {}  # run folder -> the lock this process holds on it
 
 
 def release_lock(folder: Path):
-    """Release the run folder's lock if this process holds it."""
     lock = LOCKS.pop(str(folder), None)
     if lock is not None:
         lock.release()
 
 
 class Job:
-    """A training run's machinery, for Part I's train (start, batches, step_done, epoch_done) and evaluate
-    (in_order, gather)."""
+    """A run's machinery, for Part I's train (start, batches, step_done, epoch_done) and evaluate (in_order, gather)."""
 
     def __init__(self, cfg: Config, data: LTData, model: LiftModel = None, features=None):
         self.cfg, self.data, self.model, self.features, self.folder = cfg, data, model, features, run_folder(cfg)
@@ -1904,30 +1875,31 @@ class Job:
                 self.total, self.seen = state["epoch_loss"]
             print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg)}")
         if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock
-            steps = ShardedBatches(list(range(len(self.data.train))), self.cfg.batch_size)
-            sizes = {n for b in steps for n in self.micro_batches(len(b))}
+            B, n = self.cfg.batch_size, len(self.data.train)
+            steps = {math.ceil(min(B, n - i) / processes()) for i in range(0, n, B)}  # each process's share
+            sizes = {size for images in steps for size in self.micro_batches(images)}
             compile_warmup(model, sizes, autocast_dtype(self.cfg, self.device))
         steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
         self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl", epoch * steps + step)
-        forward = model
         if self.features is not None:  # Appendix D: the classifier trains on cached features
-            forward = model.head
-        return distributed(forward, self), epoch, step
+            return distributed(model.head, self), epoch, step
+        return distributed(model, self), epoch, step
 
     def batches(self, dataset, epoch: int, start: int):
-        """The epoch's optimiser steps from step `start` on: batch_size images each, of one permutation seeded by
-        (seed, epoch), as RandomSampler draws it; under torchrun each process loads its share of every step. The
-        views come on the device (decoded there from JPEG bytes by --gpu-decode)."""
-        seed = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        order, B, workers = torch.randperm(len(dataset), generator=seed).tolist(), self.cfg.batch_size, self.cfg.workers
+        """The epoch's optimiser steps from step `start` on, on the device: batch_size images each, of one permutation
+        seeded by (seed, epoch) as RandomSampler draws it; under torchrun each process loads its share of each."""
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        order, B, workers = order.tolist(), self.cfg.batch_size, self.cfg.workers
         if self.features is not None:  # Appendix D: cached features of centre views, no crops
             dataset, workers = torch.utils.data.TensorDataset(self.features[0][:, None], self.features[1]), 0
-        dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D: JPEGs decoded on the GPU
+        dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D: --gpu-decode
         sampler, pin = ShardedBatches(order, B, start), self.device.type == "cuda"
-        loader = Loader(Padded(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin, collate_fn=collate)
+        loader = Loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin, collate_fn=collate)
         for j, (views, y) in enumerate(self.progress.timed(loader), start):
-            self.real, self.share = int((y >= 0).sum()), len(y) / min(B, len(order) - j * B)  # for weighted_sum
-            self.micro_left = len(self.micro_batches(len(y)))
+            batch = order[j * B : (j + 1) * B]
+            self.real = len(batch[rank() :: processes()])
+            y[self.real :] = -100  # the share's padding (ShardedBatches), which the loss ignores
+            self.share, self.micro_left = len(y) / len(batch), len(self.micro_batches(len(y)))  # for distributed
             yield self.on_device(views), y
 
     def on_device(self, views) -> torch.Tensor:
@@ -1940,8 +1912,8 @@ class Job:
         return [len(c) for c in torch.arange(images).chunk(self.cfg.accum_steps)]
 
     def step_done(self, epoch: int, step: int, loss_sum: torch.Tensor, lr: float):
-        """After each optimiser step: the loss (summed on the device), progress, checkpoints, signals. One process
-        never waits for the device here; under torchrun the processes agree on stopping with one all-reduce."""
+        """After each optimiser step: the loss (summed on the device), progress, checkpoints, signals. Under torchrun
+        the processes agree on stopping with one all-reduce; one process never waits for the device here."""
         self.total, self.seen, self.lr = self.total + loss_sum, self.seen + self.real, lr
         self.progress.step(epoch, step, self.mean_loss, lr)
         due = self.cfg.save_every > 0 and time.time() - self.saved_at > 60 * self.cfg.save_every
@@ -1962,9 +1934,8 @@ class Job:
         self.save(epoch + 1, 0)
 
     def save(self, epoch: int, step: int):
-        """Checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process:
-        the tuned parameters, the optimiser, schedule and scaler, where the run is and the epoch's loss so far. No
-        RNG state: training draws its crops and order from generators seeded by (seed, epoch, image)."""
+        """The checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process.
+        No RNG state: training draws its crops and order from generators seeded by (seed, epoch, image)."""
         self.saved_at, (opt, sched, scaler) = time.time(), self.optim
         loss_so_far = sum_over_processes(float(self.total), self.seen)
         if rank() == 0:
@@ -1975,15 +1946,21 @@ class Job:
             torch.distributed.barrier()
 
     def in_order(self, dataset, batch_size: int):
-        """Evaluation's batches in dataset order, on the device; under torchrun this process's share of each."""
-        self.sampler = ShardedBatches(list(range(len(dataset))), batch_size, training=False)
+        """Evaluation's batches on the device, in dataset order; under torchrun this process's contiguous share."""
+        n, W, r = len(dataset), processes(), rank()
+        share = list(range(r * n // W, (r + 1) * n // W))
+        batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
         dataset, collate = gpu_jpeg_views(dataset, self.cfg, self.device)  # Appendix D
-        loader = Loader(Padded(dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=self.cfg.workers)
-        for views, y in loader:
+        for views, y in Loader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.cfg.workers):
             yield self.on_device(views), y
 
     def gather(self, outputs: list, labels: list) -> tuple:
-        return gather_in_order(outputs, labels, self.sampler)  # every process's share, in dataset order
+        """Every process's outputs and labels, in dataset order."""
+        shares = [(outputs, labels)]
+        if processes() > 1:
+            shares = [None] * processes()
+            torch.distributed.all_gather_object(shares, (outputs, labels))
+        return torch.cat([o for out, _ in shares for o in out]), torch.cat([y for _, ys in shares for y in ys])
 
 
 # Checkpoints: the tuned tensors and the run's config; a run that loads one must be the same model and task
@@ -1997,8 +1974,7 @@ def tuned_state(model: nn.Module) -> dict:
 
 
 def save_checkpoint(path: Path, cfg: Config, data: LTData, model: LiftModel, state: dict):
-    """The Job's state (where the run is, the optimiser, schedule and scaler) with what a loader checks and reads: the
-    run's config, the tuned tensors, the class names and counts (predict rebuilds the model from them)."""
+    """The Job's state with the run's config, the tuned tensors, the class names and counts (predict reads them)."""
     classes = dict(classnames=list(data.classnames), train_counts=[int(n) for n in data.train_counts])
     atomic_torch_save(path, {**state, "config": dataclasses.asdict(cfg), "tuned": tuned_state(model), **classes})
 
@@ -2012,8 +1988,8 @@ SAME_MODEL = ("data", "model", "pretrained", "quick_gelu", "tuning")  # what --e
 
 
 def load_checkpoint(path, cfg: Config, model: LiftModel, resume: bool = False, copy: bool = True) -> dict:
-    """A checkpoint's state, its tuned tensors copied into the model. It must have been written by a run of the same
-    model and task (and, to resume, of every setting but RESUME_MAY_CHANGE's); a refusal names the settings."""
+    """A checkpoint's state, its tuned tensors copied into the model. It must come from a run of the same model and
+    task (to resume: of every setting but RESUME_MAY_CHANGE's); a refusal names the settings that differ."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["config"]
@@ -2022,14 +1998,16 @@ def load_checkpoint(path, cfg: Config, model: LiftModel, resume: bool = False, c
     keys = [k for k in dataclasses.asdict(cfg) if k not in RESUME_MAY_CHANGE]
     if not resume:
         keys = [*SAME_MODEL, *(["seed"] if cfg.pretrained == "none" else [])]  # random frozen weights: their seed
-    diff = [f"{flag(k)} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys if saved.get(k) != getattr(cfg, k)]
+    diff = "; ".join(
+        f"{flag(k)} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys if saved.get(k) != getattr(cfg, k)
+    )
     if diff and resume:
         raise LiftError(
-            f"--resume: {path} was written with other settings ({'; '.join(diff)}); resume with the run's own "
+            f"--resume: {path} was written with other settings ({diff}); resume with the run's own "
             "settings, or start a new run with --run-name NAME"
         )
     if diff:
-        raise LiftError(f"checkpoint {path} was written by another model or task ({'; '.join(diff)})")
+        raise LiftError(f"checkpoint {path} was written by another model or task ({diff})")
     own = tuned_state(model)
     if set(own) != set(state["tuned"]) or any(own[k].shape != state["tuned"][k].shape for k in own):
         raise LiftError(f"checkpoint {path}: its tuned parameters do not match this model's")
@@ -2049,20 +2027,14 @@ def checkpoint_place(state: dict, cfg: Config) -> str:
 
 
 def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
-    """results.json (strict JSON: null for a group without test images). A re-evaluation (--eval-only) sits beside
+    """results.json (strict JSON: null for a group without test images); a re-evaluation (--eval-only) writes beside
     the training run's results.json instead of replacing it."""
     name = "results.json"
     if cfg.eval_only:
         name = f"results_eval_{f'tte{cfg.expand}' if cfg.tte else 'centre'}.json"
-    results = {
-        "config": dataclasses.asdict(cfg),
-        "metrics": {k: report[k] for k in ("overall", "many", "medium", "few")},
-        "params": count_params(model),
-        "train_loss": model.train_loss,
-        "classnames": list(data.classnames),
-        "train_counts": [int(n) for n in data.train_counts],
-        "per_class_accuracy": report["per_class"],
-    }
+    results = dict(config=dataclasses.asdict(cfg), metrics={k: report[k] for k in ("overall", "many", "medium", "few")})
+    results.update(params=count_params(model), train_loss=model.train_loss, classnames=list(data.classnames))
+    results.update(train_counts=[int(n) for n in data.train_counts], per_class_accuracy=report["per_class"])
     atomic_write(run_folder(cfg) / name, json.dumps(results, indent=1, allow_nan=False).encode())
     print(f"wrote {run_folder(cfg) / name}")
     release_lock(run_folder(cfg))  # the run is complete
@@ -2075,8 +2047,8 @@ STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 75}  # 75
 
 class Stop:
     """The signal that stops the run: the first Ctrl-C, SIGTERM or SIGUSR1 to reach this process, sent to it or passed
-    on by one of its DataLoader workers; later ones change nothing. In training the loop reads it after each step
-    (Job.step_done), writes a checkpoint and stops; anywhere else on_stop_signal stops the run at once."""
+    on by a DataLoader worker; later ones change nothing. In training the loop reads it after each step (Job.step_done),
+    writes a checkpoint and stops; anywhere else on_stop_signal stops the run at once."""
 
     signum = None
     in_training = False
@@ -2096,7 +2068,7 @@ def on_stop_signal(signum, frame):
     Stop.signum = signum
     if not Stop.in_training:
         raise KeyboardInterrupt
-    print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+    say(f"\n{signal.Signals(signum).name}: stopping after this step")
 
 
 def stopped_message(cfg) -> str:
@@ -2111,12 +2083,10 @@ def stopped_message(cfg) -> str:
 
 
 def pass_signals_on(parent: int, worker_id: int):
-    """Each DataLoader worker passes a stop signal on to its main process. A cluster (SLURM, Kubernetes) or a terminal
-    signals every process of the job, the workers too; so a signal to the whole process group, or to one worker,
-    stops the run as one to the main process does. The signals stay blocked in the worker (Loader starts it so) and a
-    thread takes them: a SIGTERM from the main process itself is the DataLoader ending its worker, as torch's own
-    handler takes it. Where the system has no sigwaitinfo (macOS) the worker ignores them, and a signal to the whole
-    process group still stops the run through the main process."""
+    """A DataLoader worker passes a stop signal on to its main process, so that a signal to the whole process group,
+    or to one worker, stops the run as one to the main process does. The signals stay blocked in the worker (Loader
+    starts it so) and a thread takes them; a SIGTERM from the main process itself is the DataLoader ending its worker.
+    Without sigwaitinfo (macOS) the worker ignores them: a signal to the group still reaches the main process."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)  # already so where the worker was forked
     if not hasattr(signal, "sigwaitinfo"):
         for s in STOP_CODES:
@@ -2136,22 +2106,23 @@ def pass_signals_on(parent: int, worker_id: int):
 
 
 def quiet_lost_connections(kind, error, traceback):
-    """In a worker, the thread that serves its tensors to the main process (multiprocessing's resource sharer) loses
-    its connection when another worker is killed and the main process stops: the main process says why (lost_worker).
-    Any other error is printed."""
+    """In a worker, the thread that serves its tensors to the main process loses its connection when another worker is
+    killed and the main process stops; the main process says why (lost_worker). Any other error is printed."""
     if not issubclass(kind, ConnectionError):
         sys.__excepthook__(kind, error, traceback)
 
 
 class Loader(torch.utils.data.DataLoader):
-    """Every DataLoader of a run: its workers pass stop signals on (pass_signals_on). They are started with the
-    signals blocked, so none reaches a worker before its handlers are set. `workers` keeps the last workers started,
-    so that main can name one that a signal killed (the DataLoader's RuntimeError says so only in its text)."""
+    """Every DataLoader of a run. Its workers start with the stop signals blocked and pass them on (pass_signals_on).
+    Bad input met in a worker (a LiftError) comes back as the batch and is raised here, whole. `workers` keeps the last
+    workers started, so that main can name one that a signal killed."""
 
     workers = []
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=functools.partial(pass_signals_on, os.getpid()), **kwargs)
+    def __init__(self, dataset, *args, collate_fn=None, **kwargs):
+        worker_init = functools.partial(pass_signals_on, os.getpid())
+        batches = CollatedOrError(dataset, collate_fn or torch.utils.data.default_collate)
+        super().__init__(batches, *args, collate_fn=as_collated, worker_init_fn=worker_init, **kwargs)
 
     def __iter__(self):
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)
@@ -2160,13 +2131,37 @@ class Loader(torch.utils.data.DataLoader):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         Loader.workers = getattr(batches, "_workers", [])  # the worker processes (torch has no public name)
-        return batches
+        for batch in batches:
+            if isinstance(batch, LiftError):
+                raise batch
+            yield batch
+
+
+class CollatedOrError(torch.utils.data.Dataset):
+    """A dataset whose DataLoader fetches a whole batch at once (__getitems__): the collated batch, or the LiftError
+    that one of its items raised (a worker would send that back only as text)."""
+
+    def __init__(self, dataset, collate):
+        self.dataset, self.collate = dataset, collate
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list):
+        try:
+            return self.collate([self.dataset[i] for i in indices])
+        except LiftError as e:
+            return e
+
+
+def as_collated(batch):
+    return batch
 
 
 def lost_worker() -> str | None:
-    """What killed a DataLoader worker, if a signal did: the kernel's out-of-memory killer sends SIGKILL. The main
-    process can see the worker's death (a closed connection) before the worker has ended, so this looks for 1 s, with
-    torch's SIGCHLD handler set aside: it would report the same death again, with a traceback."""
+    """What killed a DataLoader worker, if a signal did (the kernel's out-of-memory killer sends SIGKILL). The main
+    process can see the death before the worker has ended, so this looks for 1 s, with torch's SIGCHLD handler set
+    aside: it would report the same death again, with a traceback."""
     handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for _ in range(100):
         for w in Loader.workers:
@@ -2196,8 +2191,8 @@ def rank() -> int:
 
 
 def start_processes(cfg: Config):
-    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU, and
-    quiet standard output on every process but the first. Returns the device, or None without torchrun."""
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU, and quiet
+    standard output on every process but the first. Returns the device, or None without torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -2217,13 +2212,12 @@ def start_processes(cfg: Config):
 
 
 class ShardedBatches(torch.utils.data.Sampler):
-    """Batches of the indices `order` (a permutation in training, else in order) from batch `start` on. Under
-    torchrun, process r takes items r, r + W, ... of every batch, so each step sees the images, and the crops,
-    of the single-process run. Items are (index, padding?): in training a shorter share is padded with the batch's
-    first image (Padded gives it the label -100), so that every process runs the same forward and backward passes."""
+    """Batches of the indices `order` from batch `start` on. Under torchrun process r takes items r, r + W, ... of
+    every batch, so each step sees the images, and the crops, of the single-process run; a shorter share is padded
+    with the batch's first image (Job.batches labels it -100), so that every process runs the same passes."""
 
-    def __init__(self, order: list, batch_size: int, start: int = 0, training: bool = True):
-        self.order, self.batch_size, self.start, self.training = order, batch_size, start, training
+    def __init__(self, order: list, batch_size: int, start: int = 0):
+        self.order, self.batch_size, self.start = order, batch_size, start
 
     def __len__(self):
         return math.ceil(len(self.order) / self.batch_size) - self.start
@@ -2231,33 +2225,13 @@ class ShardedBatches(torch.utils.data.Sampler):
     def __iter__(self):
         for i in range(self.start * self.batch_size, len(self.order), self.batch_size):
             batch = self.order[i : i + self.batch_size]
-            share = [(i, False) for i in batch[rank() :: processes()]]
-            if self.training:  # every share of a step equally long, so every process runs the same micro-batches
-                share += [(batch[0], True)] * (math.ceil(len(batch) / processes()) - len(share))
-            if share:
-                yield share
-
-
-class Padded(torch.utils.data.Dataset):
-    """Item (i, padding?) of a dataset: item i, with the label -100 (which the loss ignores) for padding."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        i, padding = key
-        views, label = self.dataset[i]
-        if padding:
-            label = -100
-        return views, label
+            share = batch[rank() :: processes()]
+            yield share + [batch[0]] * (math.ceil(len(batch) / processes()) - len(share))
 
 
 def distributed(module: nn.Module, job: Job):
-    """The module to train: itself in one process; under torchrun DistributedDataParallel, which reduces the
-    gradients once per optimiser step, in its last micro-batch (DDP's no_sync before), with weighted_sum."""
+    """The module to train: itself in one process; under torchrun DistributedDataParallel, which reduces the gradients
+    once per optimiser step, in its last micro-batch (no_sync before it), with weighted_sum."""
     if processes() == 1:
         return module
     device = next(module.parameters()).device
@@ -2276,9 +2250,8 @@ def distributed(module: nn.Module, job: Job):
 
 
 def weighted_sum(job: Job, bucket):
-    """DDP's gradient reduction. Each process's loss is the mean over its share of the step (padding included), so
-    the exact gradient of the mean over the step's images is the sum over processes of (share / step images) x
-    gradient."""
+    """DDP's gradient reduction. Each process's loss is the mean over its share of the step (padding included), so the
+    gradient of the mean over the step's images is the sum over processes of (share / step images) x gradient."""
     buf = bucket.buffer().mul_(job.share)
     return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
@@ -2293,31 +2266,15 @@ def sum_over_processes(*values: float) -> list:
     return both.tolist()
 
 
-def gather_in_order(out: list, labels: list, sampler: ShardedBatches) -> tuple:
-    """Each process's outputs and labels put back in dataset order (evaluation): exactly one row per image."""
-    if processes() == 1:
-        return torch.cat(out), torch.cat(labels)
-    shares = [None] * processes()
-    torch.distributed.all_gather_object(shares, (out, labels))  # a process with no images sends two empty lists
-    n, B, W = len(sampler.order), sampler.batch_size, processes()
-    shares = [(torch.cat(o), torch.cat(y)) for o, y in shares if o]
-    outputs, targets = torch.empty(n, *shares[0][0].shape[1:]), torch.empty(n, dtype=torch.long)
-    for r, (o, y) in enumerate(shares):  # process r holds items r, r + W, ... of every batch
-        idx = [i for s in range(0, n, B) for i in range(s, min(s + B, n))[r::W]]
-        outputs[idx], targets[idx] = o, y
-    return outputs, targets
-
-
 class Progress:
-    """A tqdm progress bar over the run's optimiser steps (images per second, time left) with the loss, the lr and
-    the share of time spent waiting for data, refreshed every --log-every steps; a line per epoch in metrics.jsonl."""
+    """A tqdm bar over the run's images (images per second, time left) with the loss, the lr and the share of time
+    spent waiting for data, refreshed every --log-every steps; a line per epoch in metrics.jsonl."""
 
     def __init__(self, cfg: Config, steps: int, path: Path, done: int = 0):
         from tqdm import tqdm
 
         self.cfg, self.steps, self.path, self.start, self.wait, self.images = cfg, steps, path, time.time(), 0.0, 0
-        B = cfg.batch_size
-        total, done = cfg.epochs * steps * B, done * B
+        total, done = cfg.epochs * steps * cfg.batch_size, done * cfg.batch_size
         self.bar = tqdm(total=total, initial=done, unit="img", unit_scale=True, file=sys.stdout, disable=rank() > 0)
 
     def timed(self, loader):
@@ -2337,8 +2294,9 @@ class Progress:
         self.bar.set_postfix_str(f"epoch {epoch + 1}, loss {loss():.4f}, lr {lr:.5f}, data wait {wait:.0f}%")
 
     def epoch_end(self, epoch: int, loss: float, lr: float):
-        seconds = time.time() - self.start
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else peak_rss()
+        seconds, peak = time.time() - self.start, peak_rss()
+        if torch.cuda.is_initialized():
+            peak = torch.cuda.max_memory_allocated()
         line = dict(epoch=epoch + 1, loss=loss, lr=lr, images_per_s=self.images / seconds)
         line.update(data_wait=self.wait / seconds, epoch_s=seconds, peak_memory_gib=peak / 2**30)
         if rank() == 0:
@@ -2363,7 +2321,7 @@ def predict_main(argv: list):
     p.add_argument("images", nargs="+", help="image files, or folders searched at any depth")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by a training run")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--out", default=None, help="a .csv or .json file (default: CSV on standard output)")
+    p.add_argument("--out", help="a .csv or .json file (default: CSV on standard output)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     a = p.parse_args(argv)
@@ -2403,10 +2361,8 @@ def predict_main(argv: list):
     import csv
 
     buf = io.StringIO()
-    csv.writer(buf).writerow(
-        ["image"] + [f"{x}_{i + 1}" for i in range(top.shape[1]) for x in ("class", "probability")]
-    )
-    csv.writer(buf).writerows([[p] + [v for pair in t for v in pair] for p, t in zip(paths, tops)])
+    header = ["image"] + [f"{x}_{i + 1}" for i in range(top.shape[1]) for x in ("class", "probability")]
+    csv.writer(buf).writerows([header] + [[p] + [v for pair in t for v in pair] for p, t in zip(paths, tops)])
     if a.out:
         return atomic_write(Path(a.out), buf.getvalue().encode())
     print(buf.getvalue(), end="")

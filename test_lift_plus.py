@@ -1314,7 +1314,7 @@ def test_gpu_jpeg_path_gives_the_cpu_paths_boxes_and_views(tmp_path, monkeypatch
         assert torch.equal(out[[0, 2, 4]], ref[[0, 2, 4]])  # the CPU's cases: decoded by the worker
     assert calls == [4]  # one call for the batch's four JPEGs
     loader = torch.utils.data.DataLoader(
-        lp.Padded(gpu), batch_sampler=lp.ShardedBatches(list(range(len(gpu))), 4), num_workers=2, collate_fn=collate
+        gpu, batch_sampler=lp.ShardedBatches(list(range(len(gpu))), 4), num_workers=2, collate_fn=collate
     )
     assert torch.equal(torch.cat([b.decode("cpu") for b, _ in loader]), out)
 
@@ -1374,10 +1374,10 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
         (dict(prompt="a photo"), r"--prompt 'a photo': the template needs \{\} where the class name goes"),
         (dict(lora_rank=4), "--lora-rank applies to --tuning lora only, not --tuning adaptformer"),
         (dict(tuning="adaptformer", cache_features=True), "--cache-features applies to --tuning classifier only"),
-        (dict(checkpoint="x.pt"), "--checkpoint: read by --eval-only only; to continue a training run use --resume"),
+        (dict(checkpoint="x.pt"), "--checkpoint: read by --eval-only only; to continue a run use --resume"),
         (dict(loss="ce", tau=2.0), r"--tau: --loss ce has no logit adjustment \(use --loss la\)"),
         (dict(tte=False, expand=8), "--expand: --no-tte resizes to S \\+ S // 7 and takes the centre crop"),
-        (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square every epoch"),
+        (dict(mda="max", min_scale=0.3), "--min-scale: --mda max crops the largest square"),
         (dict(init="class_mean", prompt="a {}"), "--prompt: --init class_mean uses no prompt"),
         (dict(amp="bf16", device="cpu"), "--amp bf16: mixed precision runs on GPUs only"),
         (dict(eval_only=True, checkpoint="x.pt", resume="yes"), "--resume: --eval-only trains nothing to continue"),
@@ -1386,7 +1386,7 @@ def test_compiled_model_equals_eager_and_training_warms_it_up(configs, folder, t
             "--out / --run-name: --eval-only writes its results beside --checkpoint",
         ),
         (dict(data="shapes_lt", splits="/tmp"), "--splits: --data shapes_lt has no split lists"),
-        (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no image root"),
+        (dict(data="/some/folder", root="/data"), "--root: --data /some/folder needs no root"),
         (dict(tuning="classifier", blocks="0-3"), "--blocks: --tuning classifier tunes no vision blocks by index"),
         (dict(seed=-1), "--seed: expected an integer in \\[0, 2147483647\\], got -1"),
         (dict(eval_only=True), r"--eval-only: needs --checkpoint FILE"),
@@ -1722,16 +1722,18 @@ def test_sharded_batches_cover_each_batch_once(monkeypatch):
     for n, B, W in ((10, 4, 3), (7, 7, 2), (5, 2, 4)):
         monkeypatch.undo()  # one process
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-        single = [[i for i, _ in b] for b in lp.ShardedBatches(order, B)]
+        single = list(lp.ShardedBatches(order, B))
         assert single == [order[i : i + B] for i in range(0, n, B)]
-        assert [[i for i, _ in b] for b in lp.ShardedBatches(order, B, start=1)] == single[1:]  # a resumed epoch
+        assert list(lp.ShardedBatches(order, B, start=1)) == single[1:]  # a resumed epoch
         shares = []
         for r in range(W):
             monkeypatch.setattr(lp, "rank", lambda r=r: r)
             monkeypatch.setattr(lp, "processes", lambda W=W: W)
             shares.append(list(lp.ShardedBatches(order, B)))
-        for step, batch in enumerate(single):  # the same images in every step, each once; padding is marked
-            assert sorted(i for s in shares for i, pad in s[step] if not pad) == sorted(batch)
+        for step, batch in enumerate(single):  # the same images in every step, each once; padding comes last
+            real = [s[step][: len(batch[r::W])] for r, s in enumerate(shares)]
+            assert sorted(i for share in real for i in share) == sorted(batch)
+            assert all(i == batch[0] for r, s in enumerate(shares) for i in s[step][len(batch[r::W]) :])
             assert len({len(s[step]) for s in shares}) == 1  # equal shares: the same micro-batches everywhere
 
 
@@ -2011,13 +2013,13 @@ def test_mid_epoch_checkpoints_and_resume_auto_on_a_fresh_folder(configs, folder
     from scratch."""
     cfg, _ = train_run(configs, folder, tmp_path, epochs=1, resume="auto")
     assert torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    saved, real = [], lp.save_checkpoint
+    saved, real = [], lp.Job.save
 
-    def save(path, cfg, data, model, state):
-        saved.append((state["epoch"], state["step"]))
-        real(path, cfg, data, model, state)
+    def save(job, epoch, step):
+        saved.append((epoch, step))
+        real(job, epoch, step)
 
-    monkeypatch.setattr(lp, "save_checkpoint", save)
+    monkeypatch.setattr(lp.Job, "save", save)
     train_run(configs, folder, tmp_path, run_name="often", epochs=1, save_every=1e-6)  # due after every step
     assert saved == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0)]
 
