@@ -1689,43 +1689,41 @@ def check_flags(cfg: Config):
     for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
         if getattr(c, name) != getattr(d, name) and t not in methods.split():
             raise LiftError(f"{flag(name)} applies to --tuning {methods.replace(' ', ' / ')} only, not --tuning {t}")
-    no_blocks = f"--tuning {t} tunes no vision blocks by index"
-    if t == "partial":
-        no_blocks += " (use --partial-blocks)"
-    refused = [  # (flag, refused?, why)
-        (f"--prompt '{c.prompt}'", "{}" not in c.prompt, "the template needs {} where the class name goes"),
-        (
-            f"--batch-size {c.batch_size}",
-            c.batch_size % c.accum_steps,
-            f"not divisible by --accum-steps {c.accum_steps}",
-        ),
-        ("--blocks", c.blocks and t in ("classifier", "zeroshot", "partial"), no_blocks),
-        (f"--init {c.init}", t == "zeroshot" and c.init != "semantic", "zero-shot classifies with the text prompts"),
-        ("--prompt", c.prompt != d.prompt and c.init != "semantic" != t, f"--init {c.init} uses no prompt"),
-        ("--tau", c.tau != d.tau and c.loss == "ce", "--loss ce has no logit adjustment (use --loss la)"),
-        ("--min-scale", c.min_scale != d.min_scale and c.mda == "max", "--mda max crops the largest square"),
-        ("--expand", c.expand is not None and not c.tte, "--no-tte resizes to S + S // 7 and takes the centre crop"),
-        ("--splits", c.splits is not None and c.data not in BENCHMARKS, f"--data {c.data} has no split lists"),
-        ("--inat-level", c.inat_level != d.inat_level and c.data != "inat2018", "applies to --data inat2018 only"),
-        ("--eval-split val", c.eval_split == "val" and c.data not in WORLDS, f"--data {c.data} has no val split"),
-        ("--root", c.root != d.root and (c.data in WORLDS or os.sep in c.data), f"--data {c.data} needs no root"),
-        (f"--amp {c.amp}", c.amp in ("bf16", "fp16") and c.device == "cpu", "mixed precision runs on GPUs only"),
-        ("--checkpoint", c.checkpoint and not c.eval_only, "read by --eval-only only; to continue a run use --resume"),
-        ("--resume", c.eval_only and c.resume != "no", "--eval-only trains nothing to continue"),
-        (
-            "--out / --run-name",
-            c.eval_only and c.checkpoint and (c.run_name or c.out != d.out),
-            "--eval-only writes its results beside --checkpoint",
-        ),
-        (
-            "--eval-only",
-            c.eval_only and not c.checkpoint and t != "zeroshot",
-            "needs --checkpoint FILE (or --tuning zeroshot)",
-        ),
-    ]
-    for name, given, why in refused:
-        if given:
-            raise LiftError(f"{name}: {why}")
+    if "{}" not in c.prompt:
+        raise LiftError(f"--prompt '{c.prompt}': the template needs {{}} where the class name goes")
+    if c.batch_size % c.accum_steps:
+        raise LiftError(f"--batch-size {c.batch_size}: not divisible by --accum-steps {c.accum_steps}")
+    if c.blocks is not None and t in ("classifier", "zeroshot", "partial"):
+        hint = " (use --partial-blocks)" if t == "partial" else ""
+        raise LiftError(f"--blocks: --tuning {t} tunes no vision blocks by index{hint}")
+    if t == "zeroshot" and c.init != "semantic":
+        raise LiftError(f"--init {c.init}: zero-shot classifies with the text prompts")
+    if c.prompt != d.prompt and c.init != "semantic" and t != "zeroshot":
+        raise LiftError(f"--prompt: --init {c.init} uses no prompt")
+    if c.tau != d.tau and c.loss == "ce":
+        raise LiftError("--tau: --loss ce has no logit adjustment (use --loss la)")
+    if c.min_scale != d.min_scale and c.mda == "max":
+        raise LiftError("--min-scale: --mda max crops the largest square every epoch")
+    if c.expand is not None and not c.tte:
+        raise LiftError("--expand: --no-tte resizes to S + S // 7 and takes the centre crop")
+    if c.splits is not None and c.data not in BENCHMARKS:
+        raise LiftError(f"--splits: --data {c.data} has no split lists")
+    if c.eval_split == "val" and c.data not in WORLDS:
+        raise LiftError(f"--eval-split val: --data {c.data} has no val split")
+    if c.inat_level != d.inat_level and c.data != "inat2018":
+        raise LiftError("--inat-level: applies to --data inat2018 only")
+    if c.root != d.root and (c.data in WORLDS or os.sep in c.data):
+        raise LiftError(f"--root: --data {c.data} needs no image root")
+    if c.amp in ("bf16", "fp16") and c.device == "cpu":
+        raise LiftError(f"--amp {c.amp}: mixed precision runs on GPUs only")
+    if c.checkpoint is not None and not c.eval_only:
+        raise LiftError("--checkpoint: read by --eval-only only; to continue a training run use --resume")
+    if c.eval_only and c.resume != "no":
+        raise LiftError("--resume: --eval-only trains nothing to continue")
+    if c.eval_only and c.checkpoint and (c.run_name or c.out != d.out):
+        raise LiftError("--out / --run-name: --eval-only writes its results beside --checkpoint")
+    if c.eval_only and not c.checkpoint and t != "zeroshot":
+        raise LiftError("--eval-only: needs --checkpoint FILE (only --tuning zeroshot evaluates without one)")
 
 
 def run_job(cfg: Config) -> dict:
