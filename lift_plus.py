@@ -1849,9 +1849,7 @@ class Job:
 
     def __init__(self, cfg: Config, data: LTData, model: LiftModel = None, features=None):
         self.cfg, self.data, self.model, self.features, self.folder = cfg, data, model, features, run_folder(cfg)
-        self.device = torch.device("cpu")
-        if model is not None:
-            self.device = model.mean.device
+        self.device = torch.device("cpu") if model is None else model.mean.device
         self.losses, self.total, self.seen = [], 0.0, 0  # per-epoch losses; the epoch's loss sum and images so far
         self.share, self.real, self.micro_left, self.saved_at = 1.0, 0, 0, time.time()
 
@@ -2071,11 +2069,9 @@ def on_stop_signal(signum, frame):
 
 def stopped_message(cfg) -> str:
     """What an interrupted run has saved, read from its checkpoint."""
-    ckpt = None
-    if cfg is not None and not cfg.eval_only:
-        ckpt = run_folder(cfg) / "checkpoint.pt"
-    if ckpt is None or not ckpt.is_file():
+    if cfg is None or cfg.eval_only or not (run_folder(cfg) / "checkpoint.pt").is_file():
         return "interrupted before any epoch finished: nothing to resume"
+    ckpt = run_folder(cfg) / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
     return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
 
@@ -2292,7 +2288,14 @@ class Progress:
         self.bar.set_postfix_str(f"epoch {epoch + 1}, loss {loss():.4f}, lr {lr:.5f}, data wait {wait:.0f}%")
 
     def epoch_end(self, epoch: int, loss: float, lr: float):
-        seconds, peak = time.time() - self.start, peak_rss()
+        import resource
+
+        seconds, peak = (
+            time.time() - self.start,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )  # Linux: KiB
+        if sys.platform == "darwin":  # macOS reports bytes
+            peak //= 1024
         if torch.cuda.is_initialized():
             peak = torch.cuda.max_memory_allocated()
         line = dict(epoch=epoch + 1, loss=loss, lr=lr, images_per_s=self.images / seconds)
@@ -2303,13 +2306,6 @@ class Progress:
         self.start, self.wait, self.images = time.time(), 0.0, 0
         if epoch + 1 == self.cfg.epochs:
             self.bar.close()
-
-
-def peak_rss() -> int:
-    """Peak resident bytes of this process (macOS reports bytes, Linux KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def predict_main(argv: list):
