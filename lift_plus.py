@@ -53,7 +53,7 @@ from PIL import Image  # noqa: E402
 
 
 def arg(default, help: str, choices: str = "", **bounds):
-    """A config field with its doc (also its --help text), its choices (one string) or bounds (check_value)."""
+    """A config field with its doc (also its --help text), its choices (one string) or bounds (check_flags)."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices.split()), **bounds})
 
 
@@ -1576,7 +1576,7 @@ def main(argv=None):
     SIGTERM, 75 for SIGUSR1); a DataLoader worker killed by a signal in one line (exit 1); a bug in its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     Stop.signum, Loader.workers, cfg = None, [], None
-    before = {s: signal.signal(s, on_stop_signal) for s in STOP_CODES}
+    before = {s: signal.signal(s, Stop.on_signal) for s in STOP_CODES}
     try:
         if argv[:1] == ["table"]:
             return table_main(argv[1:])  # Appendix A: the results table
@@ -1593,7 +1593,7 @@ def main(argv=None):
         for s in STOP_CODES:
             signal.signal(s, signal.SIG_IGN)  # a second signal cannot cut this short
         if rank() == 0:  # under torchrun, the process that wrote the checkpoint
-            say(f"\n{stopped_message(cfg)}")
+            say(f"\n{Stop.message(cfg)}")
         sys.exit(STOP_CODES[Stop.signum or signal.SIGINT])
     except Exception:  # a worker's death shows as whatever the main process was doing with it
         try:
@@ -1681,9 +1681,8 @@ def check_flags(cfg: Config):
             span = f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
             ok = ok and (value < hi if open_hi else value <= hi)
         if not ok:
-            raise LiftError(
-                f"{flag(f.name)}: expected {'an integer' if 'int' in f.type else 'a number'} {span}, got {value}"
-            )
+            kind = "an integer" if "int" in f.type else "a number"
+            raise LiftError(f"{flag(f.name)}: expected {kind} {span}, got {value}")
     c, d, t = cfg, Config(), cfg.tuning
     parts = dict(adapter_dim="adaptformer adapter", lora_rank="lora", vpt_len="vpt", partial_blocks="partial")
     for name, methods in dict(parts, mask_ratio="mask", cache_features="classifier").items():
@@ -1727,18 +1726,14 @@ def check_flags(cfg: Config):
 
 
 def run_job(cfg: Config) -> dict:
-    """What main runs for a config: fit, then --check's checks, or the evaluation written to results.json."""
+    """fit, then the evaluation written to results.json; with --check, the inputs checked instead: every listed image
+    exists, a sample of each split decodes, and a --resume agrees with its checkpoint."""
     data, model = fit(cfg)
-    if cfg.check:
-        return check_inputs(cfg, data, model)  # --check trains and evaluates nothing
-    report = evaluate(cfg, data, model, Job(cfg, data, model))
-    if rank() == 0:
-        write_results(cfg, data, model, report)
-    return report
-
-
-def check_inputs(cfg: Config, data: LTData, model: LiftModel):
-    """--check: every listed image exists, a sample of each split decodes and a --resume agrees with its checkpoint."""
+    if not cfg.check:
+        report = evaluate(cfg, data, model, Job(cfg, data, model))
+        if rank() == 0:
+            write_results(cfg, data, model, report)
+        return report
     for split, images in (("train", data.train), ("test", data.test)):
         if isinstance(images.images, list):
             missing = [p for p in images.images if not os.path.isfile(p)]
@@ -1746,11 +1741,9 @@ def check_inputs(cfg: Config, data: LTData, model: LiftModel):
                 raise LiftError(f"{len(missing)} of the {len(images)} {split} images are missing, e.g. {missing[0]}")
         for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), 64)).astype(int)):
             images.load(int(i))
-    ckpt = run_folder(cfg) / "checkpoint.pt"
-    if cfg.resume != "no" and ckpt.exists():
-        load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
-    where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
-    files = len(data.train) + len(data.test)
+    if cfg.resume != "no" and (run_folder(cfg) / "checkpoint.pt").exists():
+        load_checkpoint(run_folder(cfg) / "checkpoint.pt", cfg, model, resume=True, copy=False)
+    where, files = "--checkpoint" if cfg.eval_only else run_folder(cfg), len(data.train) + len(data.test)
     print(f"check passed: flags, {files} image files, the weights and {where}; nothing was trained")
 
 
@@ -1792,17 +1785,7 @@ def prepare_run(cfg: Config) -> torch.device:
     """The device; the run folder, locked until the run ends; a checkpoint for --resume, none to overwrite; run.json."""
     import filelock
 
-    device = start_processes(cfg)  # torchrun's process group, or None
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.device != "auto":
-            try:
-                device = torch.device(cfg.device)
-            except RuntimeError:
-                raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
-    folder, ckpt = run_folder(cfg), run_folder(cfg) / "checkpoint.pt"
+    device, folder, ckpt = choose_device(cfg), run_folder(cfg), run_folder(cfg) / "checkpoint.pt"
     if cfg.eval_only:
         if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
             raise LiftError(f"--checkpoint {cfg.checkpoint}: no such file")
@@ -1869,7 +1852,7 @@ class Job:
             self.lr = sched.get_last_lr()[0]  # the epoch's lr, for its metrics line if no step of it is left
             if rank() == 0:  # the epoch's loss so far is counted once, by one process
                 self.total, self.seen = state["epoch_loss"]
-            print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg)}")
+            print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg.epochs)}")
         if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock
             B, n = self.cfg.batch_size, len(self.data.train)
             steps = {math.ceil(min(B, n - i) / processes()) for i in range(0, n, B)}  # each process's share
@@ -1930,14 +1913,18 @@ class Job:
         self.save(epoch + 1, 0)
 
     def save(self, epoch: int, step: int):
-        """The checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process.
-        No RNG state: training draws its crops and order from generators seeded by (seed, epoch, image)."""
-        self.saved_at, (opt, sched, scaler) = time.time(), self.optim
+        """The checkpoint after `step` steps of epoch `epoch` (0: the epoch is complete), written by the first process:
+        where the run is, the optimiser, schedule and scaler, the epoch's loss so far, the run's config, the tuned
+        tensors, the class names and counts (predict reads them). No RNG state: crops and order come from generators
+        seeded by (seed, epoch, image)."""
+        self.saved_at, (opt, sched, scaler), data = time.time(), self.optim, self.data
         loss_so_far = sum_over_processes(float(self.total), self.seen)
         if rank() == 0:
             state = dict(epoch=epoch, step=step, train_loss=self.losses, epoch_loss=loss_so_far)
             state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict())
-            save_checkpoint(self.folder / "checkpoint.pt", self.cfg, self.data, self.model, state)
+            state.update(config=dataclasses.asdict(self.cfg), tuned=tuned_state(self.model))
+            state.update(classnames=list(data.classnames), train_counts=[int(n) for n in data.train_counts])
+            atomic_torch_save(self.folder / "checkpoint.pt", state)
         if processes() > 1:
             torch.distributed.barrier()
 
@@ -1967,12 +1954,6 @@ def tuned_state(model: nn.Module) -> dict:
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.cpu().clone() for n, b in model.named_buffers() if n.endswith(".index")})
     return state
-
-
-def save_checkpoint(path: Path, cfg: Config, data: LTData, model: LiftModel, state: dict):
-    """The Job's state with the run's config, the tuned tensors, the class names and counts (predict reads them)."""
-    classes = dict(classnames=list(data.classnames), train_counts=[int(n) for n in data.train_counts])
-    atomic_torch_save(path, {**state, "config": dataclasses.asdict(cfg), "tuned": tuned_state(model), **classes})
 
 
 # flags a resumed run may change: how it runs, not what it computes
@@ -2015,11 +1996,11 @@ def load_checkpoint(path, cfg: Config, model: LiftModel, resume: bool = False, c
     return state
 
 
-def checkpoint_place(state: dict, cfg: Config) -> str:
+def checkpoint_place(state: dict, epochs: int) -> str:
     """Where a checkpoint stands: 'epoch 5/15', or 'epoch 5/15 + 10 steps' within the next epoch."""
     if state["step"]:
-        return f"epoch {state['epoch']}/{cfg.epochs} + {state['step']} steps"
-    return f"epoch {state['epoch']}/{cfg.epochs}"
+        return f"epoch {state['epoch']}/{epochs} + {state['step']} steps"
+    return f"epoch {state['epoch']}/{epochs}"
 
 
 def write_results(cfg: Config, data: LTData, model: LiftModel, report: dict):
@@ -2044,10 +2025,19 @@ STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 75}  # 75
 class Stop:
     """The signal that stops the run: the first Ctrl-C, SIGTERM or SIGUSR1 to reach this process, sent to it or passed
     on by a DataLoader worker; later ones change nothing. In training the loop reads it after each step (Job.step_done),
-    writes a checkpoint and stops; anywhere else on_stop_signal stops the run at once."""
+    writes a checkpoint and stops; anywhere else on_signal stops the run at once."""
 
     signum = None
     in_training = False
+
+    @staticmethod
+    def on_signal(signum, frame):
+        if Stop.signum is not None:
+            return
+        Stop.signum = signum
+        if not Stop.in_training:
+            raise KeyboardInterrupt
+        say(f"\n{signal.Signals(signum).name}: stopping after this step")
 
     @staticmethod
     def here():
@@ -2057,23 +2047,14 @@ class Stop:
             Stop.signum = signal.SIGTERM
         raise KeyboardInterrupt
 
-
-def on_stop_signal(signum, frame):
-    if Stop.signum is not None:
-        return
-    Stop.signum = signum
-    if not Stop.in_training:
-        raise KeyboardInterrupt
-    say(f"\n{signal.Signals(signum).name}: stopping after this step")
-
-
-def stopped_message(cfg) -> str:
-    """What an interrupted run has saved, read from its checkpoint."""
-    if cfg is None or cfg.eval_only or not (run_folder(cfg) / "checkpoint.pt").is_file():
-        return "interrupted before any epoch finished: nothing to resume"
-    ckpt = run_folder(cfg) / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
-    return f"interrupted; {checkpoint_place(state, cfg)} is in {ckpt}: continue with --resume"
+    @staticmethod
+    def message(cfg) -> str:
+        """What an interrupted run has saved, read from its checkpoint."""
+        if cfg is None or cfg.eval_only or not (run_folder(cfg) / "checkpoint.pt").is_file():
+            return "interrupted before any epoch finished: nothing to resume"
+        ckpt = run_folder(cfg) / "checkpoint.pt"
+        state = torch.load(ckpt, weights_only=True, mmap=True)  # mapped: only the two counters are read
+        return f"interrupted; {checkpoint_place(state, cfg.epochs)} is in {ckpt}: continue with --resume"
 
 
 def pass_signals_on(parent: int, worker_id: int):
@@ -2095,15 +2076,14 @@ def pass_signals_on(parent: int, worker_id: int):
                 os._exit(0)
             os.kill(parent, info.si_signo)
 
+    def quiet_lost_connections(kind, error, traceback):
+        """The thread that serves this worker's tensors loses its connection when another worker is killed and the
+        main process stops: the main process says why (lost_worker). Any other error is printed."""
+        if not issubclass(kind, ConnectionError):
+            sys.__excepthook__(kind, error, traceback)
+
     threading.Thread(target=relay, daemon=True).start()
     sys.excepthook = quiet_lost_connections
-
-
-def quiet_lost_connections(kind, error, traceback):
-    """In a worker, the thread that serves its tensors to the main process loses its connection when another worker is
-    killed and the main process stops; the main process says why (lost_worker). Any other error is printed."""
-    if not issubclass(kind, ConnectionError):
-        sys.__excepthook__(kind, error, traceback)
 
 
 class Loader(torch.utils.data.DataLoader):
@@ -2116,7 +2096,7 @@ class Loader(torch.utils.data.DataLoader):
     def __init__(self, dataset, *args, collate_fn=None, **kwargs):
         worker_init = functools.partial(pass_signals_on, os.getpid())
         batches = CollatedOrError(dataset, collate_fn or torch.utils.data.default_collate)
-        super().__init__(batches, *args, collate_fn=as_collated, worker_init_fn=worker_init, **kwargs)
+        super().__init__(batches, *args, collate_fn=CollatedOrError.as_fetched, worker_init_fn=worker_init, **kwargs)
 
     def __iter__(self):
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_CODES)
@@ -2147,9 +2127,9 @@ class CollatedOrError(torch.utils.data.Dataset):
         except LiftError as e:
             return e
 
-
-def as_collated(batch):
-    return batch
+    @staticmethod
+    def as_fetched(batch):  # the DataLoader's collate_fn: __getitems__ has collated already
+        return batch
 
 
 def lost_worker() -> str | None:
@@ -2184,24 +2164,31 @@ def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def start_processes(cfg: Config):
-    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, gloo on CPUs), this process's GPU, and quiet
-    standard output on every process but the first. Returns the device, or None without torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+def choose_device(cfg: Config) -> torch.device:
+    """--device; under torchrun (WORLD_SIZE > 1) the process group (NCCL on GPUs, gloo on CPUs), this process's GPU,
+    and quiet standard output on every process but the first."""
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    if not torch.distributed.is_initialized():
-        # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
-        # process reads the address of a process that died
-        store, r, world = next(torch.distributed.rendezvous("env://"))
-        attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
-    if not cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not torch.distributed.is_initialized():
+            # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
+            # process reads the address of a process that died
+            store, r, world = next(torch.distributed.rendezvous("env://"))
+            attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+        if not cuda:
+            return torch.device("cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda" if cuda else "cpu")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise LiftError(f"--device {cfg.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LiftError(f"--device {cfg.device}: no CUDA GPU is available on this machine")
     return device
 
 
@@ -2225,13 +2212,18 @@ class ShardedBatches(torch.utils.data.Sampler):
 
 def distributed(module: nn.Module, job: Job):
     """The module to train: itself in one process; under torchrun DistributedDataParallel, which reduces the gradients
-    once per optimiser step, in its last micro-batch (no_sync before it), with weighted_sum."""
+    once per optimiser step, in its last micro-batch (no_sync before it). Each process's loss is the mean over its
+    share of the step (padding included), so the gradient of the mean over the step's images is the sum over processes
+    of (share / step images) x gradient: DDP's reduction hook, weighted_sum."""
     if processes() == 1:
         return module
     device = next(module.parameters()).device
     ids = [device] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # constants
-    ddp.register_comm_hook(job, weighted_sum)
+
+    def weighted_sum(job: Job, bucket):
+        buf = bucket.buffer().mul_(job.share)
+        return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
     def forward(x):
         job.micro_left -= 1
@@ -2240,14 +2232,8 @@ def distributed(module: nn.Module, job: Job):
                 return ddp(x)
         return ddp(x)
 
+    ddp.register_comm_hook(job, weighted_sum)
     return forward
-
-
-def weighted_sum(job: Job, bucket):
-    """DDP's gradient reduction. Each process's loss is the mean over its share of the step (padding included), so the
-    gradient of the mean over the step's images is the sum over processes of (share / step images) x gradient."""
-    buf = bucket.buffer().mul_(job.share)
-    return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def sum_over_processes(*values: float) -> list:
@@ -2290,10 +2276,7 @@ class Progress:
     def epoch_end(self, epoch: int, loss: float, lr: float):
         import resource
 
-        seconds, peak = (
-            time.time() - self.start,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        )  # Linux: KiB
+        seconds, peak = time.time() - self.start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
         if sys.platform == "darwin":  # macOS reports bytes
             peak //= 1024
         if torch.cuda.is_initialized():
