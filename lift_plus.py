@@ -1258,10 +1258,11 @@ def compile_warmup(model: LiftModel, sizes: set, dtype):
     """--compile: a training forward and backward per batch size, before the clock starts (the plain model, not DDP's
     wrapper: the same graphs, and no all-reduce that another process might not join)."""
     device, S = model.mean.device, model.image_size
-    model.train()
+    model.train()  # training's mode, or the graphs would differ
     for b in sorted(sizes):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            model(torch.zeros(b, 3, S, S, dtype=torch.uint8, device=device)).float().sum().backward()
+            logits = model(torch.zeros(b, 3, S, S, dtype=torch.uint8, device=device))
+        logits.float().sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -1355,7 +1356,7 @@ def read_image(path) -> torch.Tensor:
     16-bit samples scaled to 8 bits (convert clips them) and 32-bit or float samples refused; JPEGs via TorchCodec."""
     try:
         raw, decode = Path(path).read_bytes(), torchcodec_jpeg()
-        jpeg = raw[:2] == b"\xff\xd8" and decode is not None  # PIL parses the header only where EXIF may rotate it:
+        jpeg = raw[:2] == b"\xff\xd8" and decode is not None  # PIL parses the header only where EXIF may rotate it
         if jpeg and not (b"Exif" in raw[: 1 << 16] and Image.open(io.BytesIO(raw)).getexif().get(0x0112, 1) != 1):
             with contextlib.suppress(RuntimeError, ValueError):  # a JPEG TorchCodec refuses: PIL reads it
                 return decode(raw, mode="RGB")
@@ -1423,7 +1424,8 @@ def build_folder(cfg: Config) -> LTData:
             except UnicodeEncodeError:
                 raise LiftError(f"{root / split}: class folder {os.fsencode(c)!r} is not UTF-8; rename it") from None
             found = image_files(root / split / c, notes)
-            images, labels = images + found, labels + [index[c]] * len(found)
+            images += found
+            labels += [index[c]] * len(found)
         if not images:
             raise LiftError(f"{root / split}: no images ({' '.join(IMAGE_EXTENSIONS)} files) in class folders")
         sets[split] = ImageSet(images, labels)
