@@ -666,8 +666,6 @@ def gpu_rows(quick, device="cuda", dry_run=False):
     import torchvision
 
     decoder = f"torchvision {torchvision.__version__} io.decode_jpeg"
-    if lp.torchcodec_jpeg() is not None:
-        decoder = "TorchCodec decode_jpeg"
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
     print(
         f"{name}; torch {torch.__version__}, torchvision {torchvision.__version__}; {os.cpu_count()} CPUs; "

@@ -1191,15 +1191,12 @@ def build_world_task(cfg: Config) -> LTData:
 
 # ==========================================================================================
 # APPENDIX D. Speed, the same values: a leaner encoder, mixed precision, torch.compile, cached features, GPU JPEGs
-# Plugs into Part I's train and over_dataset at autocast_dtype (mixed precision); Part II's fit applies make_fast
-# (on by default; --no-fast runs Part I's taught path alone), --compile and frozen_features (--cache-features); its
-# Job loads JPEGs through gpu_jpeg_views (--gpu-decode, on a GPU, off by default) and decodes them with
-# JpegBatch.decode, and warms the compiled model up (compile_warmup). Tests keep each equal to the taught path.
+# Part I's train and over_dataset run under autocast_dtype; Part II's fit applies make_fast (--fast), frozen_features
+# (--cache-features) and compile_warmup (--compile), its Job gpu_jpeg_views (--gpu-decode). Tests keep each equal.
 
 
 class LeanQuickGELU(nn.Module):
-    """QuickGELU, x * sigmoid(1.702 x), keeping only x for the backward pass: autograd would keep x and
-    sigmoid(1.702 x), two [B, N, 4D] tensors per block; recomputing the sigmoid halves that memory."""
+    """QuickGELU, x * sigmoid(1.702 x), keeping only x for backward: half autograd's memory (it keeps the sigmoid)."""
 
     class Function(torch.autograd.Function):
         @staticmethod
@@ -1218,21 +1215,19 @@ class LeanQuickGELU(nn.Module):
 
 
 class FastViT(PromptedViT):
-    """The taught encoder, LiftViT or VPT's PromptedViT (without prompts, a PromptedViT runs LiftViT's blocks as they
-    are), with the last block for the class token alone: only its output is used downstream, so only its query,
-    MLP and AdaptFormer run; keys and values still come from every token. About 1/13 fewer FLOPs."""
+    """The taught encoder (LiftViT, or VPT's PromptedViT) whose last block computes the class token alone, the only
+    output used: keys and values still come from every token. About 1/13 fewer FLOPs."""
 
     def block(self, i: int, blk, x):
         if i + 1 < len(self.visual.transformer.resblocks):
             return super().block(i, blk, x)
-        x = self.with_prompts(i, x)  # [B, N (+ P), D]
-        y = blk.ln_1(x)
-        h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]
+        y = blk.ln_1(self.with_prompts(i, x))  # [B, N (+ P), D]
+        h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]: the prompts never touch the class token
         return h + self.mlp_branch(i, blk, h)
 
 
 def make_fast(model: LiftModel):
-    """Swap OpenAI's QuickGELU modules for LeanQuickGELU and compute only the class token in the last block."""
+    """--fast: LeanQuickGELU for OpenAI's QuickGELU, and a FastViT of the very same modules as the encoder."""
     from open_clip.transformer import QuickGELU
 
     for module in list(model.encoder.visual.modules()):
@@ -1240,13 +1235,13 @@ def make_fast(model: LiftModel):
             if isinstance(child, QuickGELU):
                 setattr(module, name, LeanQuickGELU())
     fast = FastViT(model.encoder.visual)
-    for name, child in model.encoder.named_children():  # the very same modules: CLIP, AdaptFormer, VPT's prompts
+    for name, child in model.encoder.named_children():  # CLIP, AdaptFormer, VPT's prompts, ...
         setattr(fast, name, child)
     model.encoder = fast
 
 
 def autocast_dtype(cfg: Config, device: torch.device):
-    """bf16 where the GPU has it, else fp16 (with loss scaling); fp32 on the CPU. Autocast keeps LayerNorm in fp32."""
+    """--amp: bf16 where the GPU has it, else fp16 (with loss scaling); None (fp32) on the CPU."""
     if device.type != "cuda" or cfg.amp == "off":
         return None
     if cfg.amp == "auto":
@@ -1255,17 +1250,15 @@ def autocast_dtype(cfg: Config, device: torch.device):
 
 
 def frozen_features(model: LiftModel, data: LTData, cfg: Config) -> tuple:
-    """--cache-features: with a frozen backbone (--tuning classifier) the features of fixed centre views are
-    computed once, and only the classifier trains on them (no MDA crops)."""
-    S = model.image_size
-    return extract_features(model, Views(data.train, EvalTransform(S, S, False)), cfg)
+    """--cache-features: the frozen backbone's features of the training images' centre views, computed once."""
+    return extract_features(model, Views(data.train, EvalTransform(model.image_size, model.image_size, False)), cfg)
 
 
 def compile_warmup(model: LiftModel, sizes: set, dtype):
-    """--compile: a forward and backward on blank images per batch size training will see, before its clock starts.
-    The plain model, not DDP's wrapper: the same graphs, and no all-reduce that another process might not join."""
+    """--compile: a training forward and backward per batch size, before the clock starts (the plain model, not DDP's
+    wrapper: the same graphs, and no all-reduce that another process might not join)."""
     device, S = model.mean.device, model.image_size
-    model.train()  # training's mode, or the graphs would not match
+    model.train()  # training's mode, or the graphs would differ
     for b in sorted(sizes):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(torch.zeros(b, 3, S, S, dtype=torch.uint8, device=device))
@@ -1274,15 +1267,9 @@ def compile_warmup(model: LiftModel, sizes: set, dtype):
 
 
 def gpu_jpeg_views(dataset, cfg: Config, device) -> tuple:
-    """(dataset, collate_fn) for a DataLoader. --gpu-decode, on a GPU: Views of JPEG files become JpegViews, whose
-    workers read the bytes and compute the boxes, and whose batches the GPU decodes, crops and resizes
-    (JpegBatch.decode). Anything else (arrays in memory, no JPEG, cached features, a CPU) stays as it is."""
-    if (
-        cfg.gpu_decode
-        and device.type == "cuda"
-        and isinstance(dataset, Views)
-        and isinstance(dataset.base.images, list)
-    ):
+    """(dataset, collate_fn) for a DataLoader: with --gpu-decode on a GPU, Views of JPEG files become JpegViews."""
+    files = isinstance(dataset, Views) and isinstance(dataset.base.images, list)
+    if files and cfg.gpu_decode and device.type == "cuda":
         if any(path.lower().endswith((".jpg", ".jpeg")) for path in dataset.base.images):
             jpegs = JpegViews(dataset.base, dataset.transform, dataset.indices)
             return jpegs, jpegs.collate
@@ -1290,103 +1277,89 @@ def gpu_jpeg_views(dataset, cfg: Config, device) -> tuple:
 
 
 class JpegViews(Views):
-    """Item: ((JPEG bytes, path, crop box (top, left, h, w), its resize (H', W'), the views' corners), label); Views'
-    own item for other files, CMYK and EXIF-rotated JPEGs (nvJPEG could rotate them; PIL and LIFT+ do not)."""
+    """Item: ((JPEG bytes, path, index), label) for the GPU to decode; Views' own item for other files, CMYK and
+    EXIF-rotated JPEGs (which PIL reads differently)."""
 
     def __getitem__(self, i):
-        j, t = int(self.indices[i]), self.transform
+        j = int(self.indices[i])
         try:
             raw = Path(self.base.images[j]).read_bytes()
-            im = Image.open(io.BytesIO(raw))  # reads the header only
-            on_gpu = im.format == "JPEG" and im.mode in ("RGB", "L") and not exif_rotated(im)
+            im = Image.open(io.BytesIO(raw))  # the header only
+            if im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1:
+                return (raw, self.base.images[j], j), self.base.labels[j]
         except (OSError, ValueError, Image.DecompressionBombError):
-            on_gpu = False  # Views' item: read_image names the file
-        if not on_gpu:
-            return super().__getitem__(i)
-        if isinstance(t, MDATransform):
-            top, left, side = t.box(im.height, im.width, j)
-            geometry = (top, left, side, side), (t.size, t.size), [(0, 0)]
-        else:
-            geometry = (0, 0, im.height, im.width), *t.boxes(im.height, im.width)
-        return (raw, self.base.images[j], *geometry), self.base.labels[j]
+            pass  # Views' item: read_image names the file
+        return super().__getitem__(i)
 
     def collate(self, items: list) -> tuple:
-        """A JpegBatch and the labels [B] (in the worker)."""
-        return JpegBatch([x for x, _ in items], self.transform.size), torch.tensor([y for _, y in items])
+        return JpegBatch([x for x, _ in items], self.transform), torch.tensor([y for _, y in items])
 
 
+@dataclass
 class JpegBatch:
-    """A batch of JpegViews items, their JPEG bytes in one tensor: a worker hands over one shared buffer, not B."""
+    """JpegViews items and their transform; decode(device) makes their views [B, V, 3, S, S] there."""
 
-    def __init__(self, items: list, size: int):
-        raw = b"".join(x[0] for x in items if isinstance(x, tuple))
-        self.data = torch.from_numpy(np.frombuffer(bytearray(raw), dtype=np.uint8))
-        self.items, self.size = [(len(x[0]), *x[1:]) if isinstance(x, tuple) else x for x in items], size
+    items: list
+    transform: object
 
     def decode(self, device) -> torch.Tensor:
-        """The uint8 views [B, V, 3, S, S] on `device`: the JPEGs decoded there in one call (TorchCodec's decoder, or
-        where it does not load or refuses, torchvision's; else read_image), cropped and resized as resize_bicubic."""
-        from torchvision.io import decode_jpeg
+        """The JPEGs decoded on `device` in one call (by read_image where the decoder refuses) and seen through the
+        transform in float, as CUDA's bicubic has no uint8; the workers made the other items' views."""
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-        jpegs = [item for item in self.items if isinstance(item, tuple)]
-        data, images = list(self.data.split([n for n, *_ in jpegs])), None
-        for decoder in (torchcodec_jpeg(), decode_jpeg):
-            if images is None and decoder is not None and data:
-                try:
-                    images = decoder(data, mode="RGB", device=device)
-                except (RuntimeError, ValueError):
-                    pass  # refused: the next decoder
-        if images is None:
-            images = [read_image(path).to(device) for _, path, *_ in jpegs]
-        S, decoded, views = self.size, iter(images), []
+        jpegs, views = [x for x in self.items if isinstance(x, tuple)], []
+        try:
+            data = [torch.frombuffer(bytearray(raw), dtype=torch.uint8) for raw, _, _ in jpegs]
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if jpegs else []
+        except RuntimeError:
+            images = [read_image(path).to(device) for _, path, _ in jpegs]
         for item in self.items:
             if isinstance(item, tuple):
-                (top, left, h, w), size, corners = item[2:]
-                img = next(decoded)[None, :, top : top + h, left : left + w].float()  # CUDA's bicubic has no uint8
-                img = F.interpolate(img, size, mode="bicubic", antialias=True)[0].round_().clamp_(0, 255)
-                views.append(torch.stack([img[:, y : y + S, x : x + S] for y, x in corners]).to(torch.uint8))
-            else:
-                views.append(item.to(device))  # decoded on the CPU by a worker
-        return torch.stack(views)  # [B, V, 3, S, S]
+                item = self.transform(images.pop(0).float(), item[2]).round_().clamp_(0, 255).to(torch.uint8)
+            views.append(item.to(device))
+        return torch.stack(views)
 
 
 # ==========================================================================================
 # APPENDIX E. Your own image folders and image files, the run's summaries of its task and model, atomic files
-# Plugs into Part I at build_data (build_folder) and ImageSet (read_image); predict lists folders with image_files;
-# load_clip calls check_vit; Part II's fit prints summarize_data and describe_tuning. Bad input ends in one line that
-# names the flag or file.
+# Part I's build_data reads your folders with build_folder and ImageSet its files with read_image; predict lists them
+# with image_files; load_clip calls check_vit; Part II's fit prints summarize_data and describe_tuning.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
 def check_vit(visual, cfg: Config):
-    """LIFT+ plugs into the blocks of a CLIP ViT with a class token: refuse anything else clearly."""
+    """LIFT+ plugs into the blocks of a CLIP ViT with a class token: anything else is refused in one line."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-    if not isinstance(visual, VisionTransformer):
+    vit = isinstance(visual, VisionTransformer) and isinstance(visual.patch_dropout, nn.Identity)
+    vit = vit and all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in visual.transformer.resblocks)
+    if not vit or getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise LiftError(
-            f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower (e.g. ViT-B-16); "
-            f"this model's is {type(visual).__name__}"
+            f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower with class-token pooling and "
+            f"standard blocks (e.g. ViT-B-16); this model's is {type(visual).__name__}"
         )
-    standard = all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in visual.transformer.resblocks)
-    pooled = getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok"
-    if pooled or not isinstance(visual.patch_dropout, nn.Identity) or not standard:
-        raise LiftError(
-            f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported"
-        )
+
+
+@functools.cache
+def torchcodec_jpeg():
+    """TorchCodec's decode_jpeg (libjpeg-turbo: PIL's pixels, about 1.4x faster), or None where it does not load."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError):
+        return None
+    return decode_jpeg
 
 
 def read_image(path) -> torch.Tensor:
-    """RGB uint8 [3, H, W] of an image file as torchvision's and the LIFT+ code's loaders read it (PIL's convert('RGB'):
-    no EXIF rotation, the first frame, alpha dropped), but 16-bit samples scaled to 8 bits (convert clips them) and
-    32-bit or float samples refused. JPEGs go through TorchCodec where it loads: PIL's pixels, about 1.4x faster."""
+    """RGB uint8 [3, H, W] as PIL's convert('RGB') reads the file (no EXIF rotation, the first frame, no alpha), but
+    16-bit samples scaled to 8 bits (convert clips them) and 32-bit or float samples refused; JPEGs via TorchCodec."""
     try:
         raw, decode = Path(path).read_bytes(), torchcodec_jpeg()
-        if raw[:2] == b"\xff\xd8" and decode is not None:
-            # PIL parses the header only where an EXIF block may hold a rotation
-            if not (b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw)))):
-                try:
-                    return decode(raw, mode="RGB")
-                except (RuntimeError, ValueError):
-                    pass  # a JPEG TorchCodec refuses: PIL reads it
+        jpeg = raw[:2] == b"\xff\xd8" and decode is not None  # PIL parses the header only where EXIF may rotate it
+        if jpeg and not (b"Exif" in raw[: 1 << 16] and Image.open(io.BytesIO(raw)).getexif().get(0x0112, 1) != 1):
+            with contextlib.suppress(RuntimeError, ValueError):  # a JPEG TorchCodec refuses: PIL reads it
+                return decode(raw, mode="RGB")
         im = Image.open(io.BytesIO(raw))
         im.load()  # a truncated file fails here
         if im.mode in ("I", "F"):
@@ -1402,75 +1375,47 @@ def read_image(path) -> torch.Tensor:
         raise LiftError(f"cannot read image {path}: {e}") from None
 
 
-def exif_rotated(im: Image.Image) -> bool:
-    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
-    return im.getexif().get(0x0112, 1) != 1
+def image_files(folder, notes: collections.Counter | None = None) -> list:
+    """The image files under `folder` at any depth, as torchvision's make_dataset lists a class folder (links followed;
+    a folder reached again through one is read once); hidden entries and other files are counted in `notes`."""
+    from torchvision.datasets.folder import make_dataset
 
+    parent, name = os.path.split(os.fspath(folder))
+    start, first, realpath = len(os.path.join(parent, name)), {}, functools.cache(os.path.realpath)
+    if notes is None:
+        notes = collections.Counter()
 
-@functools.cache
-def torchcodec_jpeg():
-    """TorchCodec's decode_jpeg (libjpeg-turbo on the CPU, nvJPEG on a GPU), or None where it does not load."""
-    try:
-        from torchcodec.decoders import decode_jpeg
-    except (ImportError, OSError):
-        return None
-    return decode_jpeg
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
-
-
-def hidden(name: str) -> bool:
-    """Hidden and tool entries (.DS_Store, .ipynb_checkpoints, __MACOSX): neither classes nor images."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def image_filter(folder, notes: collections.Counter):
-    """make_dataset's is_valid_file for the files under `folder`: image files, each real folder once (symbolic links
-    are followed; one back up the tree is read once); hidden entries and other files are counted in notes."""
-    realpath, first, start = functools.cache(os.path.realpath), {}, len(os.fspath(folder))
-
-    def is_image(path: str) -> bool:  # path: the folder's path, then what is under it
+    def is_image(path: str) -> bool:
         where = os.path.dirname(path)
         if first.setdefault(realpath(where), where) != where:
             return False  # a folder read already, reached again through a link
-        if any(hidden(part) for part in path[start:].split(os.sep)):
-            notes["hidden or tool entries"] += 1
+        if any(part.startswith(".") or part == "__MACOSX" for part in path[start:].split(os.sep)):
+            notes["hidden or tool entries"] += 1  # .DS_Store, .ipynb_checkpoints, __MACOSX
             return False
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             notes["files without an image extension"] += 1
             return False
         return True
 
-    return is_image
-
-
-def image_files(folder) -> list:
-    """The image files under a folder at any depth, listed as make_dataset lists a class folder (for predict)."""
-    is_image, found = image_filter(folder, collections.Counter()), []
-    for where, _, names in sorted(os.walk(folder, followlinks=True)):  # in make_dataset's order
-        found += [path for path in (os.path.join(where, name) for name in sorted(names)) if is_image(path)]
-    return found
+    return [path for path, _ in make_dataset(parent, {name: 0}, is_valid_file=is_image, allow_empty=True)]
 
 
 def build_folder(cfg: Config) -> LTData:
-    """A user's own task: <data>/train/<class>/... and <data>/test/<class>/..., images at any depth under their class
-    folder (torchvision's make_dataset); the classes are the training folder's sub-folders."""
-    from torchvision.datasets.folder import make_dataset
-
-    root = Path(cfg.data)
+    """Your own task: <data>/train/<class>/... and <data>/test/<class>/..., images at any depth under their class
+    folder; the classes are train/'s folders. What is skipped becomes the task's notes."""
+    root, notes, index, sets = Path(cfg.data), collections.Counter(), {}, {}
     if not ((root / "train").is_dir() and (root / "test").is_dir()):
         known = ", ".join([*BENCHMARKS, *CIFAR100_LT, *WORLDS])
         raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected {known} or a folder with train/ and test/")
-    notes, index, sets = collections.Counter(), {}, {}
     for split in ("train", "test"):
-        top = list(os.scandir(root / split))
-        notes["hidden or tool entries"] += sum(hidden(e.name) for e in top)
-        notes["files outside class folders"] += sum(not (hidden(e.name) or e.is_dir()) for e in top)
-        classes = sorted(e.name for e in top if e.is_dir() and not hidden(e.name))
+        entries = {e.name: e.is_dir() for e in os.scandir(root / split)}
+        shown = [name for name in entries if not (name.startswith(".") or name == "__MACOSX")]
+        notes["hidden or tool entries"] += len(entries) - len(shown)
+        notes["files outside class folders"] += sum(not entries[name] for name in shown)
+        classes = sorted(name for name in shown if entries[name])
         if split == "train":
             index = {c: i for i, c in enumerate(classes)}
-        samples = []
+        images, labels = [], []
         for c in classes:
             if c not in index:
                 raise LiftError(f"{root / split / c}: class '{c}' has no training folder {root / 'train' / c}")
@@ -1478,11 +1423,12 @@ def build_folder(cfg: Config) -> LTData:
                 c.encode("utf-8")  # class names become text prompts
             except UnicodeEncodeError:
                 raise LiftError(f"{root / split}: class folder {os.fsencode(c)!r} is not UTF-8; rename it") from None
-            is_image = image_filter(root / split / c, notes)
-            samples += make_dataset(root / split, {c: index[c]}, is_valid_file=is_image, allow_empty=True)
-        if not samples:
+            found = image_files(root / split / c, notes)
+            images += found
+            labels += [index[c]] * len(found)
+        if not images:
             raise LiftError(f"{root / split}: no images ({' '.join(IMAGE_EXTENSIONS)} files) in class folders")
-        sets[split] = ImageSet([path for path, _ in samples], [y for _, y in samples])
+        sets[split] = ImageSet(images, labels)
     counts = np.bincount(sets["train"].labels, minlength=len(index))
     if empty := [c for c, n in zip(index, counts) if n == 0]:
         raise LiftError(f"{root / 'train'}: class folders without images: {', '.join(empty[:5])}")
@@ -1490,39 +1436,33 @@ def build_folder(cfg: Config) -> LTData:
     return LTData(sets["train"], sets["test"], list(index), counts, said)
 
 
-def audit(data: LTData) -> list:
-    """What the summary reports about a task's lists: repeated entries (kept, as listed), images in both splits,
-    classes without test or training images. An image listed under two labels is refused."""
-    notes, seen = list(data.notes), {"train": {}, "test": {}}
+def summarize_data(data: LTData, name: str) -> str:
+    """The task's counts and groups, and notes on its lists: what was skipped, repeated entries (kept, as listed),
+    images in both splits, classes without test or training images. An image listed under two labels is refused."""
+    n, notes, seen = data.train_counts, list(data.notes), {"train": {}, "test": {}}
     for split, images in (("train", data.train), ("test", data.test)):
-        if not isinstance(images.images, list):
-            continue  # arrays in memory: no file listed twice
-        for path, y in zip(images.images, images.labels):
+        paths = images.images if isinstance(images.images, list) else []  # arrays in memory: no file listed twice
+        for path, y in zip(paths, images.labels):
             if seen[split].setdefault(path, y) != y:
                 raise LiftError(f"{split} image {path} is listed under two labels, {seen[split][path]} and {y}")
-        if repeats := len(images) - len(seen[split]):
+        if repeats := len(paths) - len(seen[split]):
             notes.append(
                 f"{repeats} {split} entries repeat an earlier entry of the same image and label (kept, as listed)"
             )
     if both := len(seen["train"].keys() & seen["test"].keys()):
         notes.append(f"{both} test images are also training images")
     tested = np.bincount(data.test.labels, minlength=data.num_classes)
-    if n := int(((tested == 0) & (data.train_counts > 0)).sum()):
-        notes.append(f"{n} classes have no test image (no accuracy for them; left out of the group means)")
-    if n := int((data.train_counts == 0).sum()):
-        notes.append(f"{n} classes have no training image")
-    return notes
-
-
-def summarize_data(data: LTData, name: str) -> str:
-    n, g = data.train_counts, class_groups(data.train_counts)
+    if k := int(((tested == 0) & (n > 0)).sum()):
+        notes.append(f"{k} classes have no test image (no accuracy for them; left out of the group means)")
+    if k := int((n == 0).sum()):
+        notes.append(f"{k} classes have no training image")
+    many, medium, few = (len(ids) for ids in class_groups(n).values())
     return "\n".join(
         [
             f"dataset {name}: {data.num_classes} classes, {len(data.train)} train / {len(data.test)} test images",
             f"  per class: max {n.max()}, min {n.min()}, imbalance ratio {n.max() / max(n.min(), 1):.1f}",
-            f"  groups: many (>100) {len(g['many'])}, medium (20-100) {len(g['medium'])}, few (<20) {len(g['few'])} "
-            "classes",
-            *(f"  note: {note}" for note in audit(data)),
+            f"  groups: many (>100) {many}, medium (20-100) {medium}, few (<20) {few} classes",
+            *(f"  note: {note}" for note in notes),
         ]
     )
 
@@ -1545,9 +1485,8 @@ def describe_tuning(model: LiftModel) -> str:
 
 def atomic_write(path: Path, payload: bytes):
     """Write a temporary file in the same folder, then rename it: a crash never leaves half a file."""
-    path = Path(path)
+    path, tmp = Path(path), Path(f"{path}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
