@@ -533,9 +533,7 @@ def block_indices(cfg: Config, num_blocks: int) -> list:
     for part in cfg.blocks.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)  # 'i' or 'lo-hi'
         if m is None or not int(m[1]) <= int(m[2] or m[1]) < num_blocks:
-            raise LiftError(
-                f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'"
-            )
+            raise LiftError(f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1}, like '0-3' or '8,9,10'")
         chosen += range(int(m[1]), int(m[2] or m[1]) + 1)
     return sorted(set(chosen))
 
@@ -554,15 +552,14 @@ class MLPThenAdapter(nn.Module):
 
 
 class LoRA(nn.Module):
-    """A parametrization of the in-projection [W_q; W_k; W_v]: q gains x A_q B_q / r, v gains x A_v B_v / r. B = 0 at
-    init; A is kaiming-uniform as in the LIFT+ code (torch's fan-in of a [D, r] tensor is r)."""
+    """A parametrization of the in-projection [W_q; W_k; W_v]: q gains x A_q B_q / r, v gains x A_v B_v / r."""
 
     def __init__(self, dim: int, r: int):
         super().__init__()
         self.q_down, self.q_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
         self.v_down, self.v_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
-        nn.init.kaiming_uniform_(self.q_down, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.v_down, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.q_down, a=math.sqrt(5))  # as the LIFT+ code: torch's fan-in of [D, r] is r
+        nn.init.kaiming_uniform_(self.v_down, a=math.sqrt(5))  # (B = 0: training starts at CLIP)
         self.scale = 1.0 / r
 
     def forward(self, w):  # w: [3D, D]; F.linear(x, w) = x @ w.T
@@ -572,8 +569,7 @@ class LoRA(nn.Module):
 
 
 class MaskedUpdate(nn.Module):
-    """A parametrization that trains round(ratio * n) seeded random entries of a frozen tensor; the rest stay as
-    they are, bit for bit."""
+    """Random mask: a parametrization training round(ratio * n) seeded random entries of a frozen tensor, no other."""
 
     def __init__(self, tensor: torch.Tensor, ratio: float, gen: torch.Generator):
         super().__init__()
@@ -605,8 +601,8 @@ class PromptedViT(LiftViT):
 
 
 def configure_baseline(model: LiftModel, cfg: Config, blocks: list, K: int) -> dict:
-    """[paper: the compared fine-tuning methods] Unfreeze or attach --tuning's parameters in the chosen blocks; returns
-    the sizes chosen. Classifier-only and zero-shot keep CLIP frozen."""
+    """[paper: Figures 4 and 5, the tunings compared] Unfreeze or attach --tuning's parameters in the chosen blocks;
+    returns the sizes chosen. Classifier-only and zero-shot keep CLIP frozen."""
     from torch.nn.utils.parametrize import register_parametrization
 
     width, gen, sizes = model.encoder.width, torch.Generator().manual_seed(cfg.seed), {}
@@ -646,8 +642,8 @@ def extract_features(model: LiftModel, dataset, cfg: Config) -> tuple:
 
 
 def baseline_init(model: LiftModel, data: LTData, cfg: Config, device) -> torch.Tensor:
-    """[paper: classifier initialization, ablated] Random unit vectors ('none'), or init_from_features of the frozen
-    features of at most 100 random training images per class (centre views)."""
+    """[paper: the ablation of the classifier initialization] Random unit vectors ('none'), or init_from_features of
+    the frozen features of at most 100 random training images per class (centre views)."""
     K = data.num_classes
     if cfg.init == "none":
         return F.normalize(torch.rand(K, model.encoder.width) * 2 - 1, dim=-1)
@@ -686,33 +682,28 @@ def linear_probe(feats: torch.Tensor, labels: torch.Tensor, K: int, iters: int =
 
 
 def table_main(argv: list):
-    """python lift_plus.py table [FOLDER]: every run's results under FOLDER as one Markdown table."""
+    """python lift_plus.py table [FOLDER] [--seeds]: the results*.json under FOLDER as one Markdown table, a row per
+    run with a training run's time and images per second (metrics.jsonl), or per setting with its seeds."""
     p = Parser(prog="lift_plus.py table", description=table_main.__doc__)
     p.add_argument("folder", nargs="?", default="runs", help="searched at any depth for results*.json (default: runs)")
     p.add_argument("--seeds", action="store_true", help="a row per setting: mean ± std over the runs of each --seed")
     args = p.parse_args(argv)
     if not Path(args.folder).is_dir():
         raise LiftError(f"{args.folder}: no such folder")
-    print(results_table(args.folder, args.seeds))
-
-
-def results_table(folder, seeds: bool = False) -> str:
-    """The results*.json under `folder` in Markdown: a row per run, with its time and images per second (metrics.jsonl);
-    with `seeds`, a row per setting (the config less its seed and run-only flags), its seeds, mean ± sample std."""
     kept, dropped = ("tte", "expand", "model", "pretrained"), (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
-    groups = {}
-    for path in sorted(Path(folder).glob("**/results*.json")):
+    groups = {}  # a setting: the config less its seed and run-only flags (TTE and the CLIP count)
+    for path in sorted(Path(args.folder).glob("**/results*.json")):
         r = json.loads(path.read_text())
         setting = json.dumps({k: v for k, v in r["config"].items() if k in kept or k not in dropped}, sort_keys=True)
-        groups.setdefault(setting if seeds else path, []).append((path, r))
+        groups.setdefault(setting if args.seeds else path, []).append((path, r))
     rows = []
     for runs in groups.values():
         (path, r), c = runs[0], runs[0][1]["config"]
-        keys = ("lr", "init", "mda") if seeds else ("init", "loss", "mda")
+        keys = ("lr", "init", "mda") if args.seeds else ("init", "loss", "mda")
         row = [c["data"], c["tuning"], *[c[k] for k in keys], c["tte"], c["epochs"]]
         if c["tuning"] == "zeroshot":  # it trains nothing
             row = [c["data"], c["tuning"], "-", "-", "-", c["tte"], "-"]
-        if seeds:
+        if args.seeds:
             row.append(", ".join(str(r["config"]["seed"]) for _, r in runs) if c["tuning"] != "zeroshot" else "-")
         else:  # results_eval_tte3.json: <run>_eval_tte3
             row = [path.parent.name + path.stem[7:], *row, f"{r['params']['tuned']:,}", "-", "-"]
@@ -722,17 +713,18 @@ def results_table(folder, seeds: bool = False) -> str:
             if epochs:
                 rate = np.mean([e["images_per_s"] for e in epochs])
                 row[-2:] = [f"{sum(e['epoch_s'] for e in epochs):.0f} s", f"{rate:.0f}"]
-        for k in ("overall", "many", "medium", "few"):  # n/a where no run has a value
+        for k in ("overall", "many", "medium", "few"):  # mean ± sample std; n/a where no run has a value
             v = [r["metrics"][k] for _, r in runs if r["metrics"][k] is not None]
             row.append(f"{np.mean(v):.2f}" if v else "n/a")
             if len(v) > 1:
                 row[-1] += f" ± {np.std(v, ddof=1):.2f}"
         rows.append(row)
     columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s"
-    if seeds:
+    if args.seeds:
         columns = "data | tuning | lr | init | mda | tte | epochs | seeds"
-    lines = [f"| {columns} | Overall | Many | Medium | Few |", "|---" * (columns.count("|") + 5) + "|"]
-    return "\n".join(lines + [f"| {' | '.join(map(str, row))} |" for row in rows])
+    print(f"| {columns} | Overall | Many | Medium | Few |\n" + "|---" * (columns.count("|") + 5) + "|")
+    for row in rows:
+        print(f"| {' | '.join(map(str, row))} |")
 
 
 # ==========================================================================================
@@ -751,11 +743,9 @@ def online(host: str) -> bool:
     """Can this machine open a connection to host within 3 s?"""
     import socket
 
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
+    with contextlib.suppress(OSError), socket.create_connection((host, 443), timeout=3):
+        return True
+    return False
 
 
 def find_split_files(cfg: Config) -> dict:
@@ -800,17 +790,17 @@ def read_split_list(path, root, num_classes=None):
     """Parse a "relative/path label" split list; a bad line is reported as file:line."""
     paths, labels = [], []
     with open(path, errors="surrogateescape") as f:  # file names are bytes: keep them as they are
-        for lineno, line in enumerate(f, 1):
+        for n, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
                 raise LiftError(
-                    f"{path}:{lineno}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'"
+                    f"{path}:{n}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'"
                 )
             label = int(parts[1])
             if label < 0 or (num_classes is not None and label >= num_classes):
-                raise LiftError(f"{path}:{lineno}: label {label} is outside the class range 0..{num_classes - 1}")
+                raise LiftError(f"{path}:{n}: label {label} is outside the class range 0..{num_classes - 1}")
             paths.append(os.path.join(root, parts[0].lstrip("/")))
             labels.append(label)
     if not labels:
@@ -964,15 +954,14 @@ def load_clip(cfg: Config):
         why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         if not tag_cfg:
             raise LiftError(f"--pretrained {cfg.pretrained}: cannot load it into {name} ({why})") from None
-        where = (
-            f"https://huggingface.co/{tag_cfg.get('hf_hub', '').rstrip('/')}, or {tag_cfg.get('url') or 'the tag URL'}"
-        )
-        flags = "--pretrained /path/to/file"
+        url, flags = tag_cfg.get("url") or "its URL", "--pretrained /path/to/file"
+        if tag_cfg.get("hf_hub"):
+            url = f"https://huggingface.co/{tag_cfg['hf_hub'].rstrip('/')}"
         if tag_cfg.get("quick_gelu"):  # OpenAI's weights: a converted state dict needs QuickGELU named
             flags += " --quick-gelu yes"
         raise LiftError(
-            f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}). Download them elsewhere "
-            f"({where}) and pass the file: {flags}"
+            f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}); download them ({url}) "
+            f"and pass {flags}"
         ) from None
     finally:
         logging.disable(logging.NOTSET)
@@ -986,9 +975,8 @@ def load_clip(cfg: Config):
 
 # ==========================================================================================
 # APPENDIX C. The offline worlds (--data shapes_lt, shapes_lt_wide): their long-tailed task and tiny CLIP in the cache
-# Plugs into Part I at build_data (build_world_task) and Part II's finalize_config (world_clip_files). The world's
-# generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is data/shapes_lt/prepare.py;
-# their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
+# Part I calls build_world_task, Part II world_clip_files. data/shapes_lt/prepare.py generates the worlds (and says
+# which property of CLIP on ImageNet-LT each choice stands for); their pretrained CLIPs ship in assets/.
 
 
 @functools.cache
@@ -1004,15 +992,15 @@ def world():
 
 
 def world_clip_files(cfg: Config) -> dict:
-    """--model / --pretrained of the world's CLIP (cache/world/<key>/) for the default model flags. The config
-    file is written here (its stem is open_clip's model name); the weights by build_world_task."""
+    """--model / --pretrained of the world's CLIP in cache/world/<key>/ (for the default model flags); this writes its
+    config file (its stem is open_clip's model name), build_world_task its weights."""
     key = world().world_key(world().WORLDS[cfg.data])
-    if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(f"world-{key}.json"):
+    folder, config = Path(cfg.cache).expanduser() / "world" / key, f"world-{key}.json"
+    if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(config):
         return {"model": cfg.model, "pretrained": cfg.pretrained}
-    folder = Path(cfg.cache).expanduser() / "world" / key
-    if not (folder / f"world-{key}.json").is_file():
-        atomic_write(folder / f"world-{key}.json", json.dumps(world().WORLD_CLIP, indent=1).encode())
-    return {"model": str(folder / f"world-{key}.json"), "pretrained": str(folder / "clip.pt")}
+    if not (folder / config).is_file():
+        atomic_write(folder / config, json.dumps(world().WORLD_CLIP, indent=1).encode())
+    return {"model": str(folder / config), "pretrained": str(folder / "clip.pt")}
 
 
 def build_world_task(cfg: Config) -> LTData:

@@ -872,7 +872,14 @@ def test_classifier_inits(configs, folder, init, tiny_model):
         assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
 
 
-def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
+def table(capsys, *argv) -> str:
+    """What `python lift_plus.py table ARGV` prints."""
+    capsys.readouterr()
+    lp.table_main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_zeroshot_and_results_table(configs, folder, tmp_path_factory, capsys):
     other = tmp_path_factory.mktemp("zeroshot_eval")
     _, evaluated = train_run(configs, folder, other, tuning="zeroshot", eval_only=True, run_name="zs")
     assert (other / "zs" / "results_eval_tte3.json").exists()  # zero-shot evaluates without a checkpoint
@@ -882,16 +889,15 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert not (tmp_path / cfg.run_name / "checkpoint.pt").exists()  # zero-shot trains nothing
     assert json.loads((tmp_path / cfg.run_name / "results.json").read_text())["train_loss"] == []
     train_run(configs, folder, tmp_path, tuning="classifier", epochs=1)
-    table = lp.results_table(tmp_path)
-    lines = table.splitlines()
-    assert len(lines) == 4 and "| zeroshot |" in table and "| classifier |" in table
+    lines = table(capsys, tmp_path).splitlines()
+    assert len(lines) == 4 and "| zeroshot |" in lines[2] + lines[3] and "| classifier |" in lines[2] + lines[3]
     assert lines[2].count("|") == lines[0].count("|")
     assert f"| {report['overall']:.2f} |" in lines[3 if "zeroshot" in lines[3] else 2]
     classifier = lines[2 if "zeroshot" in lines[3] else 3]
     assert re.search(r"\| \d+ s \| \d+ \|", classifier) and "| - | - |" in lines[3 if "zeroshot" in lines[3] else 2]
     _, other_seed = train_run(configs, folder, tmp_path, tuning="classifier", epochs=1, seed=1)
     first = json.loads(next(tmp_path.glob("*_classifier_seed0/results.json")).read_text())["metrics"]
-    seeds = lp.results_table(tmp_path, seeds=True).splitlines()  # the two classifier seeds share a row
+    seeds = table(capsys, tmp_path, "--seeds").splitlines()  # the two classifier seeds share a row
     assert len(seeds) == 4 and lines[0].count("|") != seeds[0].count("|")
     row = next(x for x in seeds if "| classifier |" in x)
     pair = [first["overall"], other_seed["overall"]]
@@ -899,7 +905,7 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert f"| - | {report['overall']:.2f} |" in next(x for x in seeds if "| zeroshot |" in x)
 
 
-def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
+def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path, capsys):
     """Runs of two CLIPs, or evaluated with and without TTE, are separate settings; seeds of one setting share a row."""
     base = dataclasses.asdict(lp.finalize_config(lp.Config(data="imagenet_lt")))
     runs = {
@@ -914,7 +920,7 @@ def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
         (tmp_path / name / "results.json").write_text(
             json.dumps({"config": {**base, **over, "run_name": name}, "metrics": metrics})
         )
-    rows = lp.results_table(tmp_path, seeds=True).splitlines()[2:]
+    rows = table(capsys, tmp_path, "--seeds").splitlines()[2:]
     assert len(rows) == 3
     assert "| 0, 1 | 71.00 ± 1.41 | 71.00 ± 1.41 | 71.00 ± 1.41 | n/a |" in rows[0]
     assert rows[1].endswith("| 0 | 60.00 | 60.00 | 60.00 | n/a |") and "| False | 5 | 0 | 50.00 |" in rows[2]
