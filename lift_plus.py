@@ -902,8 +902,8 @@ def clip_image_size(cfg: Config) -> int:
 
 
 def resolve_clip(cfg: Config) -> tuple:
-    """(open_clip name, tag, file or None, QuickGELU?, the tag's config, OpenAI's TorchScript file?). OpenAI's CLIP
-    uses QuickGELU; open_clip's plain 'ViT-B-16' exact GELU, so the activation follows the tag or OpenAI's file."""
+    """(open_clip name, the tag or file or None, QuickGELU?, the tag's config, OpenAI's TorchScript file?). OpenAI's
+    CLIP uses QuickGELU, open_clip's plain 'ViT-B-16' exact GELU: the activation follows the tag or OpenAI's file."""
     import zipfile
 
     import open_clip
