@@ -533,7 +533,9 @@ def block_indices(cfg: Config, num_blocks: int) -> list:
     for part in cfg.blocks.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)  # 'i' or 'lo-hi'
         if m is None or not int(m[1]) <= int(m[2] or m[1]) < num_blocks:
-            raise LiftError(f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1}, like '0-3' or '8,9,10'")
+            raise LiftError(
+                f"--blocks {cfg.blocks}: expected indices in 0..{num_blocks - 1} like '0-{num_blocks - 1}' or '8,9,10'"
+            )
         chosen += range(int(m[1]), int(m[2] or m[1]) + 1)
     return sorted(set(chosen))
 
@@ -663,8 +665,7 @@ def init_from_features(feats: torch.Tensor, labels: torch.Tensor, K: int, init: 
 
 
 def linear_probe(feats: torch.Tensor, labels: torch.Tensor, K: int, iters: int = 100) -> tuple:
-    """(W, b) of scikit-learn's LogisticRegression(class_weight='balanced') objective (multinomial, L2 with C = 1),
-    fitted with L-BFGS."""
+    """(W, b): L-BFGS on the objective of scikit-learn's LogisticRegression(C=1, class_weight='balanced')."""
     x, y = feats.double(), labels
     sample_w = (len(y) / (K * torch.bincount(y, minlength=K).clamp(min=1).double()))[y]  # 'balanced' class weights
     W = torch.zeros(K, x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -860,15 +861,16 @@ def make_long_tailed(labels, counts, seed=0) -> np.ndarray:
 
 
 def build_cifar100_lt(cfg: Config) -> LTData:
-    """[paper: experiments] CIFAR-100-LT at imbalance ratio 100, 50 or 10 from torchvision's CIFAR-100 in --root
-    (downloaded there when online); the test set is CIFAR-100's."""
+    """[paper: experiments] CIFAR-100-LT (ratio 100, 50 or 10) of torchvision's CIFAR-100 in --root; the same test."""
     import torchvision
 
     root, download = str(Path(cfg.root).expanduser()), online("www.cs.toronto.edu")
     try:
         train, test = (torchvision.datasets.CIFAR100(root, train=s, download=download) for s in (True, False))
     except RuntimeError as e:
-        raise LiftError(f"--root {cfg.root}: CIFAR-100 not found ({e}); put 'cifar-100-python' there") from None
+        raise LiftError(
+            f"--root {cfg.root}: CIFAR-100 not found ({e}); put 'cifar-100-python' there, or run once online"
+        ) from None
     counts = cifar100_lt_counts(int(cfg.data.split("_ir")[1]))
     keep = make_long_tailed(train.targets, counts, seed=0)
     train_set = ImageSet(train.data[keep], np.asarray(train.targets)[keep])
