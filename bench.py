@@ -808,8 +808,8 @@ def frozen_feature_modes(count=2000, threads=2):
     job = lp.Job(lp.dataclasses.replace(cfg, run_name="b"), data, model, feats["f"])
     t_cached = timed(lambda: lp.train(cfg, data, model, job))
     f, y = feats["f"]
-    t_mean = timed(lambda: lp.class_mean_init(f, y, 50))
-    t_probe = timed(lambda: lp.linear_probe_init(f, y, 50))
+    t_mean = timed(lambda: lp.init_from_features(f, y, 50, "class_mean"))
+    t_probe = timed(lambda: lp.init_from_features(f, y, 50, "linear_probe"))
     return {
         "images": count,
         "backbone_epoch_s": t_backbone,

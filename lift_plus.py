@@ -382,7 +382,7 @@ def configure_tuning(model: LiftModel, cfg: Config, num_classes: int):
         enc.adaptformer.update({str(i): AdaptFormer(enc.width, r) for i in blocks})
         sizes = {"r": r}
     else:
-        sizes = BASELINES[cfg.tuning](model, cfg, blocks, num_classes)  # Appendix A: the paper's baselines
+        sizes = configure_baseline(model, cfg, blocks, num_classes)  # Appendix A: the paper's baselines
     model.head.weight.requires_grad_(cfg.tuning != "zeroshot")
     model.sizes = {"tuning": cfg.tuning, "blocks": blocks, **sizes}
 
@@ -516,20 +516,16 @@ def evaluate(cfg: Config, data: LTData, model: LiftModel, run: Job | None = None
 
 # ==========================================================================================
 # APPENDIX A. The paper's baselines (other tunings, classifier inits) and the `table` command
-# Plugs into Part I at configure_tuning (block_indices, BASELINES) and build_model (baseline_init); main runs
-# table_main. Each method only freezes, unfreezes or attaches parameters: LoRA and the random mask are
-# parametrizations of CLIP's weights, the Adapter wraps the MLP and VPT is a LiftViT with prompts, so Part I's
-# training and evaluation serve them all.
+# Part I calls block_indices and configure_baseline (configure_tuning) and baseline_init (build_model); main calls
+# table_main. A method only freezes, unfreezes or attaches parameters (LoRA and the random mask parametrize CLIP's
+# weights, the Adapter wraps the MLP, VPT is a LiftViT with prompts), so Part I's training serves them all.
 
 
 def block_indices(cfg: Config, num_blocks: int) -> list:
     """Vision blocks a method acts on: --blocks ('0-11', '8,9,10,11'); partial: the last k; else all."""
     if cfg.tuning == "partial":
         if cfg.partial_blocks > num_blocks:
-            raise LiftError(
-                f"--partial-blocks: expected 0..{num_blocks} (the model has {num_blocks} blocks), "
-                f"got {cfg.partial_blocks}"
-            )
+            raise LiftError(f"--partial-blocks {cfg.partial_blocks}: the model has {num_blocks} blocks")
         return list(range(num_blocks - cfg.partial_blocks, num_blocks))
     if cfg.blocks is None:
         return list(range(num_blocks))
@@ -545,8 +541,7 @@ def block_indices(cfg: Config, num_blocks: int) -> list:
 
 
 class MLPThenAdapter(nn.Module):
-    """Adapter baseline, in place of a block's MLP: m = MLP(y); m + Up(ReLU(Down(LN(m)))), AdaptFormer's
-    bottleneck without its scale, applied to the MLP's output (so the block runs unchanged)."""
+    """Adapter, in place of a block's MLP: m = MLP(y), then m + Up(ReLU(Down(LN(m)))) (AdaptFormer without scale)."""
 
     def __init__(self, mlp: nn.Module, dim: int, r: int):
         super().__init__()
@@ -559,16 +554,14 @@ class MLPThenAdapter(nn.Module):
 
 
 class LoRA(nn.Module):
-    """LoRA baseline on the query and value projections, as a parametrization of the packed in-projection
-    [W_q; W_k; W_v] (rows of D): q gains x A_q B_q / r and v gains x A_v B_v / r. B = 0 at init; A is
-    kaiming-uniform as in the LIFT+ code (torch's fan-in of a [D, r] tensor is r)."""
+    """A parametrization of the in-projection [W_q; W_k; W_v]: q gains x A_q B_q / r, v gains x A_v B_v / r."""
 
     def __init__(self, dim: int, r: int):
         super().__init__()
         self.q_down, self.q_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
         self.v_down, self.v_up = nn.Parameter(torch.empty(dim, r)), nn.Parameter(torch.zeros(r, dim))
-        nn.init.kaiming_uniform_(self.q_down, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.v_down, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.q_down, a=math.sqrt(5))  # as the LIFT+ code: torch's fan-in of [D, r] is r
+        nn.init.kaiming_uniform_(self.v_down, a=math.sqrt(5))  # (B = 0: training starts at CLIP)
         self.scale = 1.0 / r
 
     def forward(self, w):  # w: [3D, D]; F.linear(x, w) = x @ w.T
@@ -578,8 +571,7 @@ class LoRA(nn.Module):
 
 
 class MaskedUpdate(nn.Module):
-    """Random-mask ('arbitrary') fine-tuning: a parametrization that lets exactly round(ratio * n) seeded
-    random entries of a frozen tensor train; every other entry stays bit-identical."""
+    """Random mask: a parametrization training round(ratio * n) seeded random entries of a frozen tensor, no other."""
 
     def __init__(self, tensor: torch.Tensor, ratio: float, gen: torch.Generator):
         super().__init__()
@@ -592,8 +584,7 @@ class MaskedUpdate(nn.Module):
 
 
 class PromptedViT(LiftViT):
-    """VPT-deep: block i's learned prompts (prompts[i], [P, D]) replace the previous block's, after the class
-    token; a block without prompts keeps the tokens it is given."""
+    """VPT-deep: block i's prompts (prompts[i], [P, D]) replace the previous block's, after the class token."""
 
     def __init__(self, visual):
         super().__init__(visual)
@@ -603,7 +594,7 @@ class PromptedViT(LiftViT):
         return super().block(i, blk, self.with_prompts(i, x))
 
     def with_prompts(self, i: int, x):
-        """The tokens x [B, N (+ P'), D] that block i reads: its own prompts in place of the previous block's."""
+        """The tokens x [B, N (+ P'), D] that block i reads: its own prompts, if any, in place of the previous ones."""
         if str(i) not in self.prompts:
             return x
         old = x.shape[1] - self.visual.positional_embedding.shape[0]  # the previous block's prompts
@@ -611,78 +602,40 @@ class PromptedViT(LiftViT):
         return torch.cat([x[:, :1], p, x[:, 1 + old :]], dim=1)  # [B, 1 + P + N-1, D]
 
 
-def tune_blocks(model, cfg, blocks, K):
-    """Full and partial fine-tuning: every parameter of the chosen blocks."""
-    for i in blocks:
-        model.encoder.visual.transformer.resblocks[i].requires_grad_(True)
-    return {}
+def configure_baseline(model: LiftModel, cfg: Config, blocks: list, K: int) -> dict:
+    """[paper: Figures 4 and 5, the tunings compared] Unfreeze or attach --tuning's parameters in the chosen blocks;
+    returns the sizes chosen. Classifier-only and zero-shot keep CLIP frozen."""
+    from torch.nn.utils.parametrize import register_parametrization
 
-
-def tune_bitfit(model, cfg, blocks, K):
-    """BitFit: the biases of the chosen blocks."""
-    for i in blocks:
-        for name, p in model.encoder.visual.transformer.resblocks[i].named_parameters():
-            p.requires_grad_(name.endswith("bias"))
-    return {}
-
-
-def tune_vpt(model, cfg, blocks, K):
-    P, model.encoder = cfg.vpt_len or size_rule(K, len(blocks), 1), PromptedViT(model.encoder.visual)
-    model.encoder.prompts.update({str(i): nn.Parameter(torch.randn(P, model.encoder.width) * 0.02) for i in blocks})
-    return {"prompt_len": P}
-
-
-def tune_adapter(model, cfg, blocks, K):
-    enc, r = model.encoder, cfg.adapter_dim or size_rule(K, len(blocks), 2)
-    for i in blocks:
-        blk = enc.visual.transformer.resblocks[i]
-        blk.mlp = MLPThenAdapter(blk.mlp, enc.width, r)
-    return {"r": r}
-
-
-def tune_lora(model, cfg, blocks, K):
-    from torch.nn.utils import parametrize
-
-    enc, r = model.encoder, cfg.lora_rank or size_rule(K, len(blocks), 4)
-    for i in blocks:
-        attn = enc.visual.transformer.resblocks[i].attn
-        parametrize.register_parametrization(attn, "in_proj_weight", LoRA(enc.width, r))
-    return {"rank": r}
-
-
-def tune_mask(model, cfg, blocks, K):
-    """Each weight and bias of the chosen blocks' attention and MLP gets a MaskedUpdate, in this order (one
-    generator draws them all)."""
-    from torch.nn.utils import parametrize
-
-    gen = torch.Generator().manual_seed(cfg.seed)
+    width, gen, sizes = model.encoder.width, torch.Generator().manual_seed(cfg.seed), {}
+    if cfg.tuning == "vpt":
+        sizes = {"prompt_len": cfg.vpt_len or size_rule(K, len(blocks), 1)}
+        model.encoder = PromptedViT(model.encoder.visual)
+    if cfg.tuning == "adapter":
+        sizes = {"r": cfg.adapter_dim or size_rule(K, len(blocks), 2)}
+    if cfg.tuning == "lora":
+        sizes = {"rank": cfg.lora_rank or size_rule(K, len(blocks), 4)}
     for i in blocks:
         blk = model.encoder.visual.transformer.resblocks[i]
-        weights = [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias")]
-        weights += [(m, name) for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj) for name in ("weight", "bias")]
-        for module, name in weights:
-            tensor = getattr(module, name)
-            if round(cfg.mask_ratio * tensor.numel()) > 0:  # a tiny bias may get no entry
-                parametrize.register_parametrization(module, name, MaskedUpdate(tensor, cfg.mask_ratio, gen))
-    return {}
-
-
-def tune_nothing(model, cfg, blocks, K):
-    """Classifier-only and zero-shot: CLIP stays frozen."""
-    return {}
-
-
-BASELINES = {
-    "classifier": tune_nothing,
-    "zeroshot": tune_nothing,
-    "full": tune_blocks,
-    "partial": tune_blocks,
-    "bitfit": tune_bitfit,
-    "vpt": tune_vpt,
-    "adapter": tune_adapter,
-    "lora": tune_lora,
-    "mask": tune_mask,
-}
+        if cfg.tuning in ("full", "partial"):  # every parameter
+            blk.requires_grad_(True)
+        if cfg.tuning == "bitfit":  # the biases
+            for name, p in blk.named_parameters():
+                p.requires_grad_(name.endswith("bias"))
+        if cfg.tuning == "vpt":
+            model.encoder.prompts[str(i)] = nn.Parameter(torch.randn(sizes["prompt_len"], width) * 0.02)
+        if cfg.tuning == "adapter":
+            blk.mlp = MLPThenAdapter(blk.mlp, width, sizes["r"])
+        if cfg.tuning == "lora":
+            register_parametrization(blk.attn, "in_proj_weight", LoRA(width, sizes["rank"]))
+        if cfg.tuning == "mask":  # each weight and bias of attention and the MLP, in this order, from one generator
+            weights = [(blk.attn, "in_proj_weight"), (blk.attn, "in_proj_bias")]
+            weights += [(m, n) for m in (blk.attn.out_proj, blk.mlp.c_fc, blk.mlp.c_proj) for n in ("weight", "bias")]
+            for module, name in weights:
+                tensor = getattr(module, name)
+                if round(cfg.mask_ratio * tensor.numel()) > 0:  # a tiny bias may get no entry
+                    register_parametrization(module, name, MaskedUpdate(tensor, cfg.mask_ratio, gen))
+    return sizes
 
 
 def extract_features(model: LiftModel, dataset, cfg: Config) -> tuple:
@@ -691,8 +644,8 @@ def extract_features(model: LiftModel, dataset, cfg: Config) -> tuple:
 
 
 def baseline_init(model: LiftModel, data: LTData, cfg: Config, device) -> torch.Tensor:
-    """Classifier init ablation: random unit vectors ('none'), or the class means / a linear probe of the
-    frozen features of at most 100 random training images per class (centre views)."""
+    """[paper: the ablation of the classifier initialization] Random unit vectors ('none'), or init_from_features of
+    the frozen features of at most 100 random training images per class (centre views)."""
     K = data.num_classes
     if cfg.init == "none":
         return F.normalize(torch.rand(K, model.encoder.width) * 2 - 1, dim=-1)
@@ -700,225 +653,155 @@ def baseline_init(model: LiftModel, data: LTData, cfg: Config, device) -> torch.
     idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:100] for c in range(K)])
     S = model.image_size
     feats, ys = extract_features(model, Views(data.train, EvalTransform(S, S, False), idx), cfg)
-    if cfg.init == "class_mean":
-        return class_mean_init(feats, ys, K)
-    return linear_probe_init(feats, ys, K)
+    return init_from_features(feats, ys, K, cfg.init)
 
 
-def class_mean_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The normalised mean feature of each class."""
-    sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats.double())
-    return F.normalize(sums, dim=-1).float()
+def init_from_features(feats: torch.Tensor, labels: torch.Tensor, K: int, init: str) -> torch.Tensor:
+    """The normalised mean feature of each class ('class_mean'), or the normalised weight rows of a linear probe."""
+    if init == "class_mean":
+        sums = torch.zeros(K, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats.double())
+        return F.normalize(sums, dim=-1).float()
+    return F.normalize(linear_probe(feats, labels, K)[0], dim=-1).float()
 
 
-def logistic_regression(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, iters: int = 100) -> tuple:
-    """L2-regularised (C = 1), class-balanced multinomial logistic regression fitted with L-BFGS, the
-    objective of scikit-learn's LogisticRegression(class_weight='balanced'): returns (W, b)."""
+def linear_probe(feats: torch.Tensor, labels: torch.Tensor, K: int, iters: int = 100) -> tuple:
+    """(W, b): L-BFGS on the objective of scikit-learn's LogisticRegression(C=1, class_weight='balanced')."""
     x, y = feats.double(), labels
-    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
-    sample_w = (len(y) / (num_classes * counts))[y]  # 'balanced' class weights
-    W = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    sample_w = (len(y) / (K * torch.bincount(y, minlength=K).clamp(min=1).double()))[y]  # 'balanced' class weights
+    W = torch.zeros(K, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
 
-    def closure():
+    def objective():
         opt.zero_grad()
-        loss = logistic_objective(x, y, sample_w, W, b)
+        loss = (F.cross_entropy(x @ W.t() + b, y, reduction="none") * sample_w).sum() + 0.5 * (W * W).sum()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    opt.step(objective)
     return W.detach(), b.detach()
 
 
-def logistic_objective(x, y, sample_w, W, b):
-    return (F.cross_entropy(x @ W.t() + b, y, reduction="none") * sample_w).sum() + 0.5 * (W * W).sum()
-
-
-def linear_probe_init(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The normalised weight rows of a linear probe (the bias is dropped)."""
-    W, _ = logistic_regression(feats, labels, num_classes)
-    return F.normalize(W, dim=-1).float()
-
-
 def table_main(argv: list):
-    """python lift_plus.py table [FOLDER]: every run's results under FOLDER as one Markdown table."""
+    """python lift_plus.py table [FOLDER] [--seeds]: the results*.json under FOLDER as one Markdown table, a row per
+    run with a training run's time and images per second (metrics.jsonl), or per setting with its seeds."""
     p = Parser(prog="lift_plus.py table", description=table_main.__doc__)
     p.add_argument("folder", nargs="?", default="runs", help="searched at any depth for results*.json (default: runs)")
-    p.add_argument(
-        "--seeds", action="store_true", help="one row per setting: mean ± std over the runs that differ only in --seed"
-    )
+    p.add_argument("--seeds", action="store_true", help="a row per setting: mean ± std over the runs of each --seed")
     args = p.parse_args(argv)
     if not Path(args.folder).is_dir():
         raise LiftError(f"{args.folder}: no such folder")
-    if args.seeds:
-        print(seeds_table(args.folder))
-    else:
-        print(results_table(args.folder))
-
-
-def read_results(folder) -> list:
-    """(path, contents) of every results*.json under `folder`, at any depth, in path order."""
-    return [(path, json.loads(path.read_text())) for path in sorted(Path(folder).glob("**/results*.json"))]
-
-
-def markdown_table(columns: str, rows: list) -> str:
-    """A Markdown table: the header 'a | b | ...', then one line per row, a list of cells."""
-    lines = [f"| {columns} |", "|---" * (columns.count("|") + 1) + "|"]
-    return "\n".join(lines + [f"| {' | '.join(map(str, row))} |" for row in rows])
-
-
-def setting_fields(c: dict, keys: tuple) -> list:
-    """A run's config values for a table row: `keys`, TTE and epochs; zero-shot trains nothing, so its training
-    settings are '-'."""
-    if c["tuning"] == "zeroshot":
-        return ["-"] * len(keys) + [c["tte"], "-"]
-    return [c[k] for k in keys] + [c["tte"], c["epochs"]]
-
-
-def accuracy_cells(runs: list) -> list:
-    """Overall, Many, Medium and Few of a run, or mean ± sample std over runs; n/a where no run has a value."""
-    cells = []
-    for k in ("overall", "many", "medium", "few"):
-        v = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
-        if not v:
-            cells.append("n/a")
-        elif len(v) == 1:
-            cells.append(f"{v[0]:.2f}")
-        else:
-            cells.append(f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}")
-    return cells
-
-
-def seeds_table(folder) -> str:
-    """The results*.json files under `folder` grouped by setting (the config less its seed and run-only flags;
-    TTE counts as a setting): mean ± sample std of each group's accuracies, and its seeds."""
-    kept = ("tte", "expand", "model", "pretrained")  # evaluation settings and the CLIP are part of a setting
-    dropped = (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
-    groups = {}
-    for _, r in read_results(folder):
-        setting = {k: v for k, v in r["config"].items() if k in kept or k not in dropped}
-        groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
+    kept, dropped = ("tte", "expand", "model", "pretrained"), (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
+    groups = {}  # a setting: the config less its seed and run-only flags (TTE and the CLIP count)
+    for path in sorted(Path(args.folder).glob("**/results*.json")):
+        r = json.loads(path.read_text())
+        setting = json.dumps({k: v for k, v in r["config"].items() if k in kept or k not in dropped}, sort_keys=True)
+        groups.setdefault(setting if args.seeds else path, []).append((path, r))
     rows = []
     for runs in groups.values():
-        c, seeds = runs[0]["config"], "-"
-        if c["tuning"] != "zeroshot":
-            seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
-        rows.append([c["data"], c["tuning"], *setting_fields(c, ("lr", "init", "mda")), seeds, *accuracy_cells(runs)])
-    columns = "data | tuning | lr | init | mda | tte | epochs | seeds | Overall | Many | Medium | Few"
-    return markdown_table(columns, rows)
-
-
-def results_table(folder) -> str:
-    """The results*.json files under `folder` (one per run) as one Markdown table, with each training run's
-    time and images per second from its metrics.jsonl."""
-    rows = []
-    for path, r in read_results(folder):
-        c, log, epochs, speed = r["config"], path.parent / "metrics.jsonl", [], ["-", "-"]
-        if log.is_file() and path.name == "results.json":
-            epochs = [json.loads(line) for line in log.read_text().splitlines()]
-        if epochs:
-            seconds, rate = sum(e["epoch_s"] for e in epochs), np.mean([e["images_per_s"] for e in epochs])
-            speed = [f"{seconds:.0f} s", f"{rate:.0f}"]
-        name = path.parent.name + path.stem[7:]  # results_eval_tte3.json: <run>_eval_tte3
-        fields = setting_fields(c, ("init", "loss", "mda"))
-        rows.append([name, c["data"], c["tuning"], *fields, f"{r['params']['tuned']:,}", *speed, *accuracy_cells([r])])
-    columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s | Overall"
-    return markdown_table(columns + " | Many | Medium | Few", rows)
+        (path, r), c = runs[0], runs[0][1]["config"]
+        keys = ("lr", "init", "mda") if args.seeds else ("init", "loss", "mda")
+        row = [c["data"], c["tuning"], *[c[k] for k in keys], c["tte"], c["epochs"]]
+        if c["tuning"] == "zeroshot":  # it trains nothing
+            row = [c["data"], c["tuning"], "-", "-", "-", c["tte"], "-"]
+        if args.seeds:
+            row.append(", ".join(str(r["config"]["seed"]) for _, r in runs) if c["tuning"] != "zeroshot" else "-")
+        else:  # results_eval_tte3.json: <run>_eval_tte3
+            row = [path.parent.name + path.stem[7:], *row, f"{r['params']['tuned']:,}", "-", "-"]
+            log, epochs = path.parent / "metrics.jsonl", []
+            if log.is_file() and path.name == "results.json":
+                epochs = [json.loads(line) for line in log.read_text().splitlines()]
+            if epochs:
+                rate = np.mean([e["images_per_s"] for e in epochs])
+                row[-2:] = [f"{sum(e['epoch_s'] for e in epochs):.0f} s", f"{rate:.0f}"]
+        for k in ("overall", "many", "medium", "few"):  # mean ± sample std; n/a where no run has a value
+            v = [r["metrics"][k] for _, r in runs if r["metrics"][k] is not None]
+            row.append(f"{np.mean(v):.2f}" if v else "n/a")
+            if len(v) > 1:
+                row[-1] += f" ± {np.std(v, ddof=1):.2f}"
+        rows.append(row)
+    columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s"
+    if args.seeds:
+        columns = "data | tuning | lr | init | mda | tte | epochs | seeds"
+    print(f"| {columns} | Overall | Many | Medium | Few |\n" + "|---" * (columns.count("|") + 5) + "|")
+    for row in rows:
+        print(f"| {' | '.join(map(str, row))} |")
 
 
 # ==========================================================================================
 # APPENDIX B. The benchmarks' split lists and class names, CIFAR-100-LT, CLIP's weights (load_clip)
-# Plugs into Part I at build_data (build_benchmark, build_cifar100_lt) and build_model (load_clip). Offline, every
-# download fails in seconds with the name of the file to fetch elsewhere, instead of after a minute of retries.
+# Part I calls build_benchmark and build_cifar100_lt (build_data) and load_clip (build_model). Offline, a download
+# fails in seconds, naming the file to fetch elsewhere.
 
-SPLIT_LISTS = {  # accepted file names (OLTR's, then the LIFT+ code's), the subfolder, and the extra files
-    "imagenet_lt": dict(
-        train=("ImageNet_LT_train.txt", "train.txt"), test=("ImageNet_LT_test.txt", "test.txt"), subdir="ImageNet_LT"
-    ),
-    "places_lt": dict(
-        train=("Places_LT_train.txt", "train.txt"),
-        test=("Places_LT_test.txt", "test.txt"),
-        subdir="Places_LT",
-        extra=("classnames.txt",),
-    ),
-    "inat2018": dict(
-        train=("iNaturalist18_train.txt", "train.txt"),
-        test=("iNaturalist18_val.txt", "val.txt"),
-        subdir="iNaturalist2018",
-        extra=("categories.json",),
-    ),
+SPLIT_LISTS = {  # --data: (its subfolder, OLTR's prefix of the list names, the test list's split, the extra files)
+    "imagenet_lt": ("ImageNet_LT", "ImageNet_LT", "test", ()),
+    "places_lt": ("Places_LT", "Places_LT", "test", ("classnames.txt",)),
+    "inat2018": ("iNaturalist2018", "iNaturalist18", "val", ("categories.json",)),
 }
-SPLIT_URL = "https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{name}"
 
 
 def online(host: str) -> bool:
-    """Can this machine open a connection to host within 3 s? Offline, a download then fails at once."""
+    """Can this machine open a connection to host within 3 s?"""
     import socket
 
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
+    with contextlib.suppress(OSError), socket.create_connection((host, 443), timeout=3):
+        return True
+    return False
 
 
 def find_split_files(cfg: Config) -> dict:
-    """The split lists of a benchmark: from --splits, else --root, --root/<subdir> or the cache, else
-    downloaded into the cache."""
+    """{'train', 'test', extra file: path}, lists under OLTR's names or the LIFT+ code's (train.txt): in --splits, else
+    --root, --root/<subfolder> or the cache, else downloaded from the LIFT+ code into the cache."""
     import urllib.request
 
-    spec = SPLIT_LISTS[cfg.data]
-    wanted = {"train": spec["train"], "test": spec["test"], **{n: (n,) for n in spec.get("extra", ())}}
-    cache = Path(cfg.cache).expanduser() / "splits" / spec["subdir"]
-    folders = [Path(cfg.root), Path(cfg.root) / spec["subdir"], cache]
+    subdir, prefix, test, extra = SPLIT_LISTS[cfg.data]
+    names = {"train": (f"{prefix}_train.txt", "train.txt"), "test": (f"{prefix}_{test}.txt", f"{test}.txt")}
+    names.update({n: (n,) for n in extra})
+    cache = Path(cfg.cache).expanduser() / "splits" / subdir
+    folders = [Path(cfg.root), Path(cfg.root) / subdir, cache]
+    if cfg.splits and not Path(cfg.splits).is_dir():
+        raise LiftError(f"--splits {cfg.splits}: no such folder")
     if cfg.splits:
-        if not Path(cfg.splits).is_dir():
-            raise LiftError(f"--splits {cfg.splits}: no such folder")
         folders = [Path(cfg.splits)]
 
-    def locate(key: str):
-        return next((d / n for d in folders for n in wanted[key] if (d / n).is_file()), None)
+    def locate() -> dict:
+        return {key: next((d / n for d in folders for n in names[key] if (d / n).is_file()), None) for key in names}
 
-    found = {key: locate(key) for key in wanted}
-    missing = [key for key, path in found.items() if path is None]
-    if missing and not cfg.splits and online("raw.githubusercontent.com"):
-        for key in missing:
-            url = SPLIT_URL.format(subdir=spec["subdir"], name=wanted[key][-1])  # the LIFT+ code's file names
+    files = locate()
+    if None in files.values() and not cfg.splits and online("raw.githubusercontent.com"):
+        for key in [key for key, path in files.items() if path is None]:
+            url = f"https://raw.githubusercontent.com/shijxcs/LIFT-plus/HEAD/datasets/{subdir}/{names[key][-1]}"
             print(f"downloading {url}")
             try:
-                atomic_write(cache / wanted[key][-1], urllib.request.urlopen(url, timeout=60).read())
+                atomic_write(cache / names[key][-1], urllib.request.urlopen(url, timeout=60).read())
             except OSError as e:
                 raise LiftError(f"--data {cfg.data}: could not download {url} ({e}); pass --splits DIR") from None
-        found = {key: locate(key) for key in wanted}
-        missing = [key for key, path in found.items() if path is None]
-    if missing:
-        names = ", ".join(" or ".join(wanted[k]) for k in missing)
-        where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / spec['subdir']}, or {cache})"
+        files = locate()
+    if None in files.values():
+        wanted = ", ".join(" or ".join(names[key]) for key, path in files.items() if path is None)
+        where = cfg.splits or f"{cfg.root} (or {Path(cfg.root) / subdir}, or {cache})"
         raise LiftError(
-            f"--data {cfg.data}: split files not found: {names}. Put them in {where}, or pass --splits DIR. "
-            f"They are published with the LIFT+ code (datasets/{spec['subdir']}/ in github.com/shijxcs/LIFT-plus) "
-            f"and, as ImageNet_LT_*.txt / Places_LT_*.txt / iNaturalist18_*.txt, with OLTR "
-            f"(github.com/zhmiao/OpenLongTailRecognition-OLTR); this machine could not download them."
+            f"--data {cfg.data}: split files not found: {wanted}. Put them in {where}, or pass --splits DIR. They are "
+            f"in datasets/{subdir}/ of github.com/shijxcs/LIFT-plus (and OLTR's); this machine could not download them."
         )
-    return found
+    return files
 
 
 def read_split_list(path, root, num_classes=None):
     """Parse a "relative/path label" split list; a bad line is reported as file:line."""
     paths, labels = [], []
     with open(path, errors="surrogateescape") as f:  # file names are bytes: keep them as they are
-        for lineno, line in enumerate(f, 1):
+        for n, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
                 raise LiftError(
-                    f"{path}:{lineno}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'"
+                    f"{path}:{n}: expected '<relative/image/path> <integer label>', got '{' '.join(parts)}'"
                 )
             label = int(parts[1])
             if label < 0 or (num_classes is not None and label >= num_classes):
-                raise LiftError(f"{path}:{lineno}: label {label} is outside the class range 0..{num_classes - 1}")
+                raise LiftError(f"{path}:{n}: label {label} is outside the class range 0..{num_classes - 1}")
             paths.append(os.path.join(root, parts[0].lstrip("/")))
             labels.append(label)
     if not labels:
@@ -927,11 +810,27 @@ def read_split_list(path, root, num_classes=None):
 
 
 def build_benchmark(cfg: Config) -> LTData:
-    """ImageNet-LT, Places-LT or iNaturalist 2018 from their split lists; iNaturalist's test set is its val list."""
+    """[paper: experiments] ImageNet-LT (CLIP's curated class names), Places-LT (Places365's names) or iNaturalist
+    2018 (names at --inat-level; its test set is the val list) from their split lists."""
     if not Path(cfg.root).is_dir():
         raise LiftError(f"--root {cfg.root}: no such folder (expected the dataset's image root)")
-    files = find_split_files(cfg)  # --splits, --root, cache or download
-    classnames, to_label = benchmark_classnames(cfg, files)  # CLIP's ImageNet names, Places, iNat
+    files, to_label = find_split_files(cfg), None  # iNaturalist: {category id: label}
+    if cfg.data == "imagenet_lt":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        classnames = list(IMAGENET_CLASSNAMES)
+    if cfg.data == "places_lt":  # one a line ('airfield'), or the official '/a/apartment_building/outdoor 0'
+        names = [line.split()[0] for line in Path(files["classnames.txt"]).read_text().splitlines() if line.strip()]
+        classnames = ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
+    if cfg.data == "inat2018":  # as the LIFT+ code: labels follow the sorted unique names at the taxonomy level
+        path, level = files["categories.json"], "name" if cfg.inat_level == "species" else cfg.inat_level
+        try:
+            id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.loads(Path(path).read_text()))}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LiftError(f"{path}: expected a JSON list of {{'id', '{level}'}} entries ({e})") from None
+        classnames = sorted(set(id_to_name.values()))
+        label = {name: i for i, name in enumerate(classnames)}
+        to_label = {cid: label[name] for cid, name in id_to_name.items()}
     splits = {}
     for split in ("train", "test"):
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
@@ -945,49 +844,15 @@ def build_benchmark(cfg: Config) -> LTData:
     return LTData(splits["train"], splits["test"], classnames, counts)
 
 
-def benchmark_classnames(cfg: Config, files: dict) -> tuple:
-    """(class names, {category id: label} or None): CLIP's curated ImageNet names, Places365's names, or
-    iNaturalist 2018's names at --inat-level."""
-    if cfg.data == "imagenet_lt":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        return list(IMAGENET_CLASSNAMES), None
-    if cfg.data == "places_lt":
-        return read_places_classnames(files["classnames.txt"]), None
-    return read_inat_categories(files["categories.json"], cfg.inat_level)
-
-
-def read_places_classnames(path) -> list:
-    """Places365 names one per line ('airfield'); the official '/a/apartment_building/outdoor 0' form too."""
-    with open(path) as f:
-        names = [line.split()[0] for line in f if line.strip()]
-    return ["-".join(n.split("/")[2:]) if n.startswith("/") else n for n in names]
-
-
-def read_inat_categories(path, level: str = "species") -> tuple:
-    """iNaturalist 2018's categories.json -> (class names, {category id: label}). As the LIFT+ code, the
-    labels follow the sorted unique names at a taxonomy level: species ('name') by default."""
-    level = "name" if level == "species" else level
-    try:
-        with open(path) as f:
-            id_to_name = {int(e.get("id", i)): e[level] for i, e in enumerate(json.load(f))}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LiftError(f"{path}: expected a JSON list of {{'id', '{level}'}} entries ({e})") from None
-    names = sorted(set(id_to_name.values()))
-    index = {name: i for i, name in enumerate(names)}
-    return names, {cid: index[name] for cid, name in id_to_name.items()}
-
-
 def cifar100_lt_counts(ratio, num_classes=100, max_count=500) -> list:
     """Images kept per class in CIFAR-100-LT: int(500 * (1/ratio) ** (i / 99)) (Cao et al., 2019)."""
     return [int(max_count * (1 / ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
 
 
 def make_long_tailed(labels, counts, seed=0) -> np.ndarray:
-    """Indices of the long-tailed subset: per class in class order, the first counts[c] after a shuffle by
-    one numpy RandomState(seed), which reproduces the commonly used CIFAR-100-LT split."""
-    labels, rng = np.asarray(labels, dtype=np.int64), np.random.RandomState(seed)
-    keep = []
+    """Indices of the long-tailed subset: per class in class order, the first counts[c] after a shuffle by one
+    numpy RandomState(seed), which reproduces the commonly used CIFAR-100-LT split."""
+    labels, rng, keep = np.asarray(labels, dtype=np.int64), np.random.RandomState(seed), []
     for c, n in enumerate(counts):
         idx = np.where(labels == c)[0]
         rng.shuffle(idx)
@@ -996,8 +861,7 @@ def make_long_tailed(labels, counts, seed=0) -> np.ndarray:
 
 
 def build_cifar100_lt(cfg: Config) -> LTData:
-    """CIFAR-100-LT at imbalance ratio 100, 50 or 10 from torchvision's CIFAR-100 in --root (downloaded there when
-    online); the test set is CIFAR-100's, unchanged."""
+    """[paper: experiments] CIFAR-100-LT (ratio 100, 50 or 10) of torchvision's CIFAR-100 in --root; the same test."""
     import torchvision
 
     root, download = str(Path(cfg.root).expanduser()), online("www.cs.toronto.edu")
@@ -1005,8 +869,7 @@ def build_cifar100_lt(cfg: Config) -> LTData:
         train, test = (torchvision.datasets.CIFAR100(root, train=s, download=download) for s in (True, False))
     except RuntimeError as e:
         raise LiftError(
-            f"--root {cfg.root}: CIFAR-100 not found ({e}). Put the extracted 'cifar-100-python' "
-            f"folder there, or run once with internet to download it."
+            f"--root {cfg.root}: CIFAR-100 not found ({e}); put 'cifar-100-python' there, or run once online"
         ) from None
     counts = cifar100_lt_counts(int(cfg.data.split("_ir")[1]))
     keep = make_long_tailed(train.targets, counts, seed=0)
@@ -1036,69 +899,53 @@ def clip_image_size(cfg: Config) -> int:
 
     model_cfg = open_clip.get_model_config(open_clip_name(cfg.model))
     if model_cfg is None:
-        raise LiftError(
-            f"--model {cfg.model}: its image size is not known before loading it; pass --expand N (24 for 224)"
-        )
+        raise LiftError(f"--model {cfg.model}: its image size is unknown before loading; pass --expand N (24 for 224)")
     return int(np.atleast_1d(model_cfg["vision_cfg"]["image_size"])[0])
 
 
-def is_openai_release(path: str) -> bool:
-    """OpenAI ships its CLIP weights as TorchScript archives (ViT-B-16.pt)."""
+def resolve_clip(cfg: Config) -> tuple:
+    """(open_clip name, the tag or file or None, QuickGELU?, the tag's config, OpenAI's TorchScript file?). OpenAI's
+    CLIP uses QuickGELU, open_clip's plain 'ViT-B-16' exact GELU: the activation follows the tag or OpenAI's file."""
     import zipfile
 
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def resolve_clip(cfg: Config):
-    """(open_clip name, tag or file or None, QuickGELU?, the tag's config) for --model / --pretrained. Fidelity:
-    OpenAI's CLIP uses QuickGELU, x * sigmoid(1.702 x); open_clip's plain 'ViT-B-16' config uses exact GELU and
-    only warns when given OpenAI's weights, so the activation follows the tag, or OpenAI's own file."""
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
 
-    name = open_clip_name(cfg.model)
-    pretrained = None if cfg.pretrained.lower() == "none" else cfg.pretrained
-    tag_cfg = {}
+    name, pretrained, tag_cfg, torchscript = open_clip_name(cfg.model), cfg.pretrained, {}, False
+    if pretrained.lower() == "none":
+        pretrained = None
     if pretrained and ":" not in name:
         tag_cfg = get_pretrained_cfg(name, pretrained) or {}
-    if pretrained and not tag_cfg:  # not a tag: an existing weights file
-        path = Path(cfg.pretrained).expanduser()
-        if not path.is_file():
+    if pretrained and not tag_cfg:  # not a tag: a weights file, maybe OpenAI's TorchScript archive (ViT-B-16.pt)
+        pretrained = str(Path(cfg.pretrained).expanduser())
+        if not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
-            raise LiftError(
-                f"--pretrained {cfg.pretrained}: neither a pretrained tag of {name} ({tags}) nor a checkpoint file"
-            )
-        pretrained = str(path)
+            raise LiftError(f"--pretrained {cfg.pretrained}: neither a pretrained tag of {name} ({tags}) nor a file")
+        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(pretrained) as z:
+            torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    quick_gelu = bool(tag_cfg.get("quick_gelu"))
+    if not tag_cfg:  # OpenAI's TorchScript file, or a file named for OpenAI's weights
+        quick_gelu = bool(pretrained and (torchscript or "openai" in pretrained.lower()))
     if cfg.quick_gelu != "auto":
         quick_gelu = cfg.quick_gelu == "yes"
-    elif tag_cfg:
-        quick_gelu = bool(tag_cfg.get("quick_gelu"))
-    else:  # OpenAI's TorchScript file, or a file named for OpenAI's weights
-        quick_gelu = bool(pretrained and (is_openai_release(pretrained) or "openai" in pretrained.lower()))
-    return name, pretrained, quick_gelu, tag_cfg
+    return name, pretrained, quick_gelu, tag_cfg, torchscript
 
 
 def load_clip(cfg: Config):
-    """CLIP of --model with the weights of --pretrained, refused unless a CLIP ViT: (clip, image mean, image std,
-    tokenizer). OpenAI's own file is a TorchScript archive, which torch.load(weights_only=True) refuses: it is read
-    with torch.jit.load, as OpenAI's loader does, and every tensor of the open_clip model is copied (none missing).
-    Offline, a tag's weights come from the local hub cache only, so a missing download fails in seconds."""
+    """(CLIP of --model with --pretrained's weights, image mean, image std, tokenizer), refused unless a ViT. OpenAI's
+    TorchScript file is read with torch.jit.load, as OpenAI's loader does; offline, a tag's weights fail in seconds."""
     import logging
 
     import huggingface_hub.constants as hub
     import open_clip
 
-    name, pretrained, quick_gelu, tag_cfg = resolve_clip(cfg)
+    name, pretrained, quick_gelu, tag_cfg, torchscript = resolve_clip(cfg)
     hub_offline = hub.HF_HUB_OFFLINE
     if tag_cfg and not online("huggingface.co"):
-        hub.HF_HUB_OFFLINE = True
-    logging.disable(logging.ERROR)  # open_clip logs the failure that weights_error reports
+        hub.HF_HUB_OFFLINE = True  # the local hub cache only
+    logging.disable(logging.ERROR)  # open_clip logs the failure reported below
     try:
-        if pretrained and not tag_cfg and is_openai_release(pretrained):
+        if torchscript:  # torch.load(weights_only=True) refuses it; every tensor of the open_clip model is copied
             archive = torch.jit.load(pretrained, map_location="cpu").state_dict()  # also holds metadata scalars
             clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
             clip.load_state_dict({k: archive[k] for k in clip.state_dict() if k in archive}, strict=True)
@@ -1106,7 +953,18 @@ def load_clip(cfg: Config):
             cache = os.environ.get("LIFT_CLIP_CACHE")
             clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache)
     except Exception as e:  # a download that failed, or a file that does not hold these weights
-        raise LiftError(weights_error(cfg, name, tag_cfg, e)) from None
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        if not tag_cfg:
+            raise LiftError(f"--pretrained {cfg.pretrained}: cannot load it into {name} ({why})") from None
+        url, flags = tag_cfg.get("url") or "its URL", "--pretrained /path/to/file"
+        if tag_cfg.get("hf_hub"):
+            url = f"https://huggingface.co/{tag_cfg['hf_hub'].rstrip('/')}"
+        if tag_cfg.get("quick_gelu"):  # OpenAI's weights: a converted state dict needs QuickGELU named
+            flags += " --quick-gelu yes"
+        raise LiftError(
+            f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}); download them ({url}) "
+            f"and pass {flags}"
+        ) from None
     finally:
         logging.disable(logging.NOTSET)
         hub.HF_HUB_OFFLINE = hub_offline
@@ -1117,26 +975,10 @@ def load_clip(cfg: Config):
     return clip.eval(), tuple(pcfg["mean"]), tuple(pcfg["std"]), open_clip.get_tokenizer(name)
 
 
-def weights_error(cfg: Config, name: str, tag_cfg: dict, e: Exception) -> str:
-    """One line for CLIP's weights that did not load: why, and for a tag, where to get the file and how to pass it."""
-    why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-    if not tag_cfg:
-        return f"--pretrained {cfg.pretrained}: cannot load it into {name} ({why})"
-    flags = "--pretrained /path/to/file"
-    if tag_cfg.get("quick_gelu"):  # OpenAI's weights: a converted state dict needs QuickGELU named
-        flags += " --quick-gelu yes"
-    return (
-        f"--pretrained {cfg.pretrained}: could not get the weights of {name} ({why}). Download them elsewhere "
-        f"(https://huggingface.co/{tag_cfg.get('hf_hub', '').rstrip('/')}, or {tag_cfg.get('url') or 'the tag URL'}) "
-        f"and pass the file: {flags}"
-    )
-
-
 # ==========================================================================================
 # APPENDIX C. The offline worlds (--data shapes_lt, shapes_lt_wide): their long-tailed task and tiny CLIP in the cache
-# Plugs into Part I at build_data (build_world_task); Part II's finalize_config takes world_clip_files. The
-# world's generator, and why each of its choices stands for a property of CLIP on ImageNet-LT, is
-# data/shapes_lt/prepare.py; their pretrained CLIPs ship in assets/ (world_clip.pt, world_clip_wide.pt).
+# Part I calls build_world_task, Part II world_clip_files. data/shapes_lt/prepare.py generates the worlds (and says
+# which property of CLIP on ImageNet-LT each choice stands for); their pretrained CLIPs ship in assets/.
 
 
 @functools.cache
@@ -1152,26 +994,25 @@ def world():
 
 
 def world_clip_files(cfg: Config) -> dict:
-    """--model / --pretrained of the world's CLIP (cache/world/<key>/) for the default model flags. The config
-    file is written here (its stem is open_clip's model name); the weights by build_world_task."""
+    """--model / --pretrained of the world's CLIP in cache/world/<key>/ (for the default model flags); this writes its
+    config file (its stem is open_clip's model name), build_world_task its weights."""
     key = world().world_key(world().WORLDS[cfg.data])
-    if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(f"world-{key}.json"):
+    folder, config = Path(cfg.cache).expanduser() / "world" / key, f"world-{key}.json"
+    if (cfg.model, cfg.pretrained) != ("ViT-B-16", "openai") and not cfg.model.endswith(config):
         return {"model": cfg.model, "pretrained": cfg.pretrained}
-    folder = Path(cfg.cache).expanduser() / "world" / key
-    config_path = folder / f"world-{key}.json"
-    if not config_path.is_file():
-        atomic_write(config_path, json.dumps(world().WORLD_CLIP, indent=1).encode())
-    return {"model": str(config_path), "pretrained": str(folder / "clip.pt")}
+    if not (folder / config).is_file():
+        atomic_write(folder / config, json.dumps(world().WORLD_CLIP, indent=1).encode())
+    return {"model": str(folder / config), "pretrained": str(folder / "clip.pt")}
 
 
 def build_world_task(cfg: Config) -> LTData:
     """The world's task, rendered once into the cache (seconds). A cold cache first unpacks the shipped CLIP, or
     pretrains one if none was shipped for this world (another WorldSpec, WORLD_VERSION or open_clip version)."""
-    w = world()
-    spec, shipped = w.WORLDS[cfg.data], w.SHIPPED_CLIPS[cfg.data]
-    folder, key = Path(cfg.cache).expanduser() / "world", w.world_key(spec)
+    w, folder = world(), Path(cfg.cache).expanduser() / "world"
+    spec, shipped, packed = w.WORLDS[cfg.data], w.SHIPPED_CLIPS[cfg.data], {}
+    key = w.world_key(spec)
     if cfg.pretrained == str(folder / key / "clip.pt") and not Path(cfg.pretrained).is_file():
-        name, packed = open_clip_name(cfg.model), {}
+        name = open_clip_name(cfg.model)
         if shipped.is_file():
             packed = torch.load(shipped, weights_only=True)
         if packed.get("key") != key:  # none shipped for this world: pretrain it (minutes)

@@ -280,12 +280,13 @@ def test_inat_labels_follow_sorted_names(tmp_path, configs):
     assert data.train.labels == [1, 0, 0] and data.train_counts.tolist() == [2, 1]
 
 
-def test_places_classnames_both_formats(tmp_path):
-    (tmp_path / "a.txt").write_text("airfield\napartment_building-outdoor\n")
-    (tmp_path / "b.txt").write_text("/a/airfield 0\n/a/apartment_building/outdoor 1\n")
-    expected = ["airfield", "apartment_building-outdoor"]
-    assert lp.read_places_classnames(tmp_path / "a.txt") == expected
-    assert lp.read_places_classnames(tmp_path / "b.txt") == expected
+def test_places_classnames_both_formats(tmp_path, configs):
+    (tmp_path / "Places_LT_train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 1\n")
+    (tmp_path / "Places_LT_test.txt").write_text("d.jpg 0\n")
+    cfg = make_cfg(configs, data="places_lt", root=str(tmp_path), cache=str(tmp_path / "c"))
+    for names in ("airfield\napartment_building-outdoor\n", "/a/airfield 0\n/a/apartment_building/outdoor 1\n"):
+        (tmp_path / "classnames.txt").write_text(names)
+        assert lp.build_data(cfg).classnames == ["airfield", "apartment_building-outdoor"]
 
 
 @pytest.mark.parametrize(
@@ -481,8 +482,8 @@ def test_semantic_init_formula_with_general_projection():
 
 def test_quick_gelu_follows_the_openai_tag():
     cfg = lp.finalize_config(lp.Config(model="ViT-B/16", pretrained="openai"))
-    name, pretrained, quick_gelu, tag = lp.resolve_clip(cfg)
-    assert (name, pretrained, quick_gelu) == ("ViT-B-16", "openai", True)
+    name, pretrained, quick_gelu, tag, torchscript = lp.resolve_clip(cfg)
+    assert (name, pretrained, quick_gelu, torchscript) == ("ViT-B-16", "openai", True, False)
     assert tag["mean"] == (0.48145466, 0.4578275, 0.40821073)
     assert tag["std"] == (0.26862954, 0.26130258, 0.27577711)
     assert tag["interpolation"] == "bicubic"
@@ -504,8 +505,10 @@ def test_quick_gelu_detected_for_openai_files(tmp_path):
     def cfg(p, q="auto"):
         return lp.finalize_config(lp.Config(model="ViT-B-16", pretrained=str(p), quick_gelu=q))
 
-    assert lp.resolve_clip(cfg(jit_file))[2] is True
-    assert lp.resolve_clip(cfg(plain))[2] is False
+    _, _, quick_gelu, _, torchscript = lp.resolve_clip(cfg(jit_file))
+    assert quick_gelu is True and torchscript is True
+    _, _, quick_gelu, _, torchscript = lp.resolve_clip(cfg(plain))
+    assert quick_gelu is False and torchscript is False
     assert lp.resolve_clip(cfg(plain, "yes"))[2] is True
 
 
@@ -857,18 +860,26 @@ def test_classifier_inits(configs, folder, init, tiny_model):
         torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-5)
     if init == "linear_probe":  # the probe is a stationary point of its objective, and the init is its rows
         feats, ys = lp.extract_features(model, centre, cfg)
-        W, b = lp.logistic_regression(feats, ys, 4, iters=500)
+        W, b = lp.linear_probe(feats, ys, 4, iters=500)
         # (the init saw the same images in another order, so the 100-step L-BFGS differs in rounding)
         torch.testing.assert_close(
-            w, F.normalize(lp.logistic_regression(feats, ys, 4)[0], dim=-1).float(), rtol=1e-3, atol=1e-4
+            w, F.normalize(lp.linear_probe(feats, ys, 4)[0], dim=-1).float(), rtol=1e-3, atol=1e-4
         )
         W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
-        counts = torch.bincount(ys, minlength=4).double()
-        lp.logistic_objective(feats.double(), ys, (len(ys) / (4 * counts))[ys], W, b).backward()
+        weights = (len(ys) / (4 * torch.bincount(ys, minlength=4).double()))[ys]  # scikit-learn's 'balanced'
+        x = feats.double()
+        ((F.cross_entropy(x @ W.t() + b, ys, reduction="none") * weights).sum() + 0.5 * (W * W).sum()).backward()
         assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
 
 
-def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
+def table(capsys, *argv) -> str:
+    """What `python lift_plus.py table ARGV` prints."""
+    capsys.readouterr()
+    lp.table_main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_zeroshot_and_results_table(configs, folder, tmp_path_factory, capsys):
     other = tmp_path_factory.mktemp("zeroshot_eval")
     _, evaluated = train_run(configs, folder, other, tuning="zeroshot", eval_only=True, run_name="zs")
     assert (other / "zs" / "results_eval_tte3.json").exists()  # zero-shot evaluates without a checkpoint
@@ -878,16 +889,15 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert not (tmp_path / cfg.run_name / "checkpoint.pt").exists()  # zero-shot trains nothing
     assert json.loads((tmp_path / cfg.run_name / "results.json").read_text())["train_loss"] == []
     train_run(configs, folder, tmp_path, tuning="classifier", epochs=1)
-    table = lp.results_table(tmp_path)
-    lines = table.splitlines()
-    assert len(lines) == 4 and "| zeroshot |" in table and "| classifier |" in table
+    lines = table(capsys, tmp_path).splitlines()
+    assert len(lines) == 4 and "| zeroshot |" in lines[2] + lines[3] and "| classifier |" in lines[2] + lines[3]
     assert lines[2].count("|") == lines[0].count("|")
     assert f"| {report['overall']:.2f} |" in lines[3 if "zeroshot" in lines[3] else 2]
     classifier = lines[2 if "zeroshot" in lines[3] else 3]
     assert re.search(r"\| \d+ s \| \d+ \|", classifier) and "| - | - |" in lines[3 if "zeroshot" in lines[3] else 2]
     _, other_seed = train_run(configs, folder, tmp_path, tuning="classifier", epochs=1, seed=1)
     first = json.loads(next(tmp_path.glob("*_classifier_seed0/results.json")).read_text())["metrics"]
-    seeds = lp.seeds_table(tmp_path).splitlines()  # the two classifier seeds share a row
+    seeds = table(capsys, tmp_path, "--seeds").splitlines()  # the two classifier seeds share a row
     assert len(seeds) == 4 and lines[0].count("|") != seeds[0].count("|")
     row = next(x for x in seeds if "| classifier |" in x)
     pair = [first["overall"], other_seed["overall"]]
@@ -895,7 +905,7 @@ def test_zeroshot_and_results_table(configs, folder, tmp_path_factory):
     assert f"| - | {report['overall']:.2f} |" in next(x for x in seeds if "| zeroshot |" in x)
 
 
-def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
+def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path, capsys):
     """Runs of two CLIPs, or evaluated with and without TTE, are separate settings; seeds of one setting share a row."""
     base = dataclasses.asdict(lp.finalize_config(lp.Config(data="imagenet_lt")))
     runs = {
@@ -910,7 +920,7 @@ def test_seeds_table_groups_only_runs_that_differ_in_the_seed(tmp_path):
         (tmp_path / name / "results.json").write_text(
             json.dumps({"config": {**base, **over, "run_name": name}, "metrics": metrics})
         )
-    rows = lp.seeds_table(tmp_path).splitlines()[2:]
+    rows = table(capsys, tmp_path, "--seeds").splitlines()[2:]
     assert len(rows) == 3
     assert "| 0, 1 | 71.00 ± 1.41 | 71.00 ± 1.41 | 71.00 ± 1.41 | n/a |" in rows[0]
     assert rows[1].endswith("| 0 | 60.00 | 60.00 | 60.00 | n/a |") and "| False | 5 | 0 | 50.00 |" in rows[2]
