@@ -98,7 +98,11 @@ class Config:
     run_name: str | None = arg(None, "run folder name (default <data>_<tuning>_seed<seed>)")
     resume: str = arg("no", "continue from the run folder's checkpoint: yes (--resume), or auto: if any", "no yes auto")
     save_every: float = arg(10.0, "minutes between checkpoints within an epoch (0: at epoch ends only)", low=0)
-    eval_split: str = arg("test", "the split evaluated: test, or val (the world's, for choosing settings)", "test val")
+    eval_split: str = arg(
+        "test",
+        "the split evaluated: test, or val (for choosing settings: the worlds', ImageNet-LT's, Places-LT's)",
+        "test val",
+    )
     eval_only: bool = arg(False, "no training: evaluate --checkpoint (or the untrained model of --tuning zeroshot)")
     checkpoint: str | None = arg(None, "checkpoint file to evaluate with --eval-only")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
@@ -756,6 +760,8 @@ def find_split_files(cfg: Config) -> dict:
 
     subdir, prefix, test, extra = SPLIT_LISTS[cfg.data]
     names = {"train": (f"{prefix}_train.txt", "train.txt"), "test": (f"{prefix}_{test}.txt", f"{test}.txt")}
+    if cfg.eval_split == "val":  # ImageNet-LT's and Places-LT's validation lists (20 images a class)
+        names["val"] = (f"{prefix}_val.txt", "val.txt")
     names.update({n: (n,) for n in extra})
     cache = Path(cfg.cache).expanduser() / "splits" / subdir
     folders = [Path(cfg.root), Path(cfg.root) / subdir, cache]
@@ -832,7 +838,7 @@ def build_benchmark(cfg: Config) -> LTData:
         label = {name: i for i, name in enumerate(classnames)}
         to_label = {cid: label[name] for cid, name in id_to_name.items()}
     splits = {}
-    for split in ("train", "test"):
+    for split in [name for name in ("train", "test", "val") if name in files]:
         paths, labels = read_split_list(files[split], cfg.root, len(to_label or classnames))
         if to_label is not None:  # iNaturalist: category ids -> labels of the sorted names
             unknown = sorted(set(labels) - set(to_label))
@@ -841,7 +847,7 @@ def build_benchmark(cfg: Config) -> LTData:
             labels = [to_label[y] for y in labels]
         splits[split] = ImageSet(paths, labels)
     counts = np.bincount(splits["train"].labels, minlength=len(classnames))
-    return LTData(splits["train"], splits["test"], classnames, counts)
+    return LTData(splits["train"], splits["test"], classnames, counts, val=splits.get("val"))
 
 
 def cifar100_lt_counts(ratio, num_classes=100, max_count=500) -> list:
@@ -1487,7 +1493,7 @@ def check_flags(cfg: Config):
         raise LiftError("--expand: --no-tte resizes to S + S // 7 and takes the centre crop")
     if c.splits is not None and c.data not in BENCHMARKS:
         raise LiftError(f"--splits: --data {c.data} has no split lists")
-    if c.eval_split == "val" and c.data not in WORLDS:
+    if c.eval_split == "val" and c.data not in (*WORLDS, "imagenet_lt", "places_lt"):
         raise LiftError(f"--eval-split val: --data {c.data} has no val split")
     if c.inat_level != d.inat_level and c.data != "inat2018":
         raise LiftError("--inat-level: applies to --data inat2018 only")

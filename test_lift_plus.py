@@ -271,6 +271,20 @@ def test_imagenet_lt_from_split_lists_is_lazy(tmp_path, configs):
         data.train.load(0)
 
 
+def test_imagenet_lt_val_list_for_choosing_settings(tmp_path, configs, monkeypatch):
+    """--eval-split val reads ImageNet-LT's val list (OLTR's name or the LIFT+ code's val.txt); without one it is
+    refused naming the file, and a test run never asks for it."""
+    monkeypatch.setattr(lp, "online", lambda host: False)
+    write_benchmark(tmp_path)
+    cfg = make_cfg(configs, data="imagenet_lt", root=str(tmp_path), cache=str(tmp_path / "cache"), eval_split="val")
+    with pytest.raises(lp.LiftError, match=r"split files not found: ImageNet_LT_val.txt or val.txt"):
+        lp.build_data(cfg)
+    (tmp_path / "val.txt").write_text("test/n01/0.JPEG 1\ntest/n02/1.JPEG 2\n")
+    data = lp.build_data(cfg)
+    assert data.val.labels == [1, 2] and data.val.images[0] == os.path.join(str(tmp_path), "test/n01/0.JPEG")
+    assert lp.build_data(dataclasses.replace(cfg, eval_split="test")).val is None
+
+
 def test_inat_labels_follow_sorted_names(tmp_path, configs):
     (tmp_path / "categories.json").write_text(json.dumps([{"id": 0, "name": "Zebra"}, {"id": 1, "name": "Aardvark"}]))
     (tmp_path / "iNaturalist18_train.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 1\n")
