@@ -19,6 +19,8 @@ world replays the paper's setting in minutes. Each choice stands for one propert
     (world_task_classes), so only shape, which pretraining taught, tells them apart;
   * --data shapes_lt_wide (WIDE_WORLD): wide classes, as ImageNet's are. Each image is one of 8 sub-types of its
     concept, so a tail class's 3 training images show little of what its test images show;
+  * --data shapes_lt_dial0 ... shapes_lt_dial4 (DIAL, dial_world): a dial of alignment with the same CLIP, from a
+    task drawn and named as pretraining draws and names (level 0) to shapes_lt's camera and words (level 4 = WORLD);
   * 16 SGD steps an epoch (ImageNet-LT has ~900), so every method trains 15 epochs here (lift_plus's
     finalize_config).
 """
@@ -125,6 +127,39 @@ WIDE_WORLD = dataclasses.replace(
 )
 WORLDS = {"shapes_lt": WORLD, "shapes_lt_wide": WIDE_WORLD}  # --data names
 SHIPPED_CLIPS = {"shapes_lt": SHIPPED_CLIP, "shapes_lt_wide": SHIPPED_CLIP.with_name("world_clip_wide.pt")}
+
+
+def dial_world(t: float, words: int, base: WorldSpec = WORLD) -> WorldSpec:
+    """`base` with its task moved a fraction t of the way from pretraining's own rendering to its task's camera, and
+    only the first `words` of its task_words (none: the class names are the captions' own words).
+
+    t = 0, words = 0: the task is drawn as pretraining draws (its style, a neutral camera) and named in the captions'
+    words, so the CLIP already knows it, as CLIP ViT-B/16 knows ImageNet; t = 1, words = len(task_words): `base`.
+    Every number of the style (camera, contrast, blur, clutter, noise, radius, offset, ...) moves linearly; clutter
+    is rounded half up. Only task fields change, so world_key, and the CLIP, stay base's: no pretraining is run."""
+    a, b = base.pretrain_style, base.task_style
+
+    def lerp(x, y):
+        if isinstance(x, tuple):
+            return tuple(lerp(u, v) for u, v in zip(x, y))
+        if isinstance(x, bool):
+            return x if t < 0.5 else y
+        if isinstance(x, int):
+            return int(math.floor(x + t * (y - x) + 0.5))
+        return x if x == y else x + t * (y - x)  # equal fields keep their exact value
+
+    style = WorldStyle(**{f.name: lerp(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
+    return dataclasses.replace(base, task_style=b if t == 1 else style, task_words=base.task_words[:words])
+
+
+# The dial of alignment (tutorial.ipynb): the same shipped CLIP, tasks from pretraining's own images and words
+# (level 0) to WORLD's camera and words (the last level, WORLD itself, so its cached task is reused). The camera moves
+# a quarter of the way per level and one colour word is switched in per level, in task_words' order (red, orange,
+# blue, purple); orange and blue name 8 of the 12 few-shot classes.
+DIAL = {f"shapes_lt_dial{i}": dial_world(i / 4, i) for i in range(5)}
+assert DIAL["shapes_lt_dial4"] == WORLD
+WORLDS.update(DIAL)  # --data names once lift_plus.WORLDS lists them
+SHIPPED_CLIPS.update(dict.fromkeys(DIAL, SHIPPED_CLIP))  # one CLIP for every level: WORLD's
 WORLD_CLIP = {
     "embed_dim": 128,
     "quick_gelu": False,  # the world's tiny CLIP, an open_clip model config
