@@ -89,7 +89,9 @@ class Config:
     vpt_len: int | None = arg(None, "vpt: deep prompt length per block (default 2**floor(log2(K / L)), >= 1)", low=1)
     mask_ratio: float = arg(0.005, "mask: share of each block weight tuned", low=0, high=1, open_low=True)
     # the run
-    data: str = arg("imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt[_wide] or a folder")
+    data: str = arg(
+        "imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt[_wide|_dial0..4] or a folder"
+    )
     root: str = arg("./data", "dataset root: split-list paths are relative to it; CIFAR-100 is downloaded here")
     splits: str | None = arg(None, "folder holding the split lists (default: --root, then the cache, then download)")
     inat_level: str = arg("species", "inat2018: label taxonomy", "kingdom phylum class order family genus species")
@@ -160,7 +162,8 @@ class ImageSet(torch.utils.data.Dataset):
 
 
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
-WORLDS = ("shapes_lt", "shapes_lt_wide")  # the offline world, and its variant with wide classes
+# the offline world, its variant with wide classes, and the dial of alignment (level 4 is shapes_lt)
+WORLDS = ("shapes_lt", "shapes_lt_wide", *(f"shapes_lt_dial{i}" for i in range(5)))
 
 
 def build_data(cfg: Config) -> LTData:

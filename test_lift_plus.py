@@ -1154,6 +1154,20 @@ def test_world_zero_shot_beats_chance(world, tmp_path):
     assert report["overall"] > 3 * 100.0 / lp.world().WORLD.num_classes, report["overall"]
 
 
+def test_dial_of_alignment_keeps_the_clip_and_moves_zero_shot(world, tmp_path, capsys):
+    """The dial's levels share shapes_lt's CLIP (no pretraining runs) and its classes; level 4 is shapes_lt itself.
+    The task drawn and named as pretraining draws and names it (level 0) is the one the CLIP knows best."""
+    w, zero_shot = lp.world(), {}
+    assert w.DIAL["shapes_lt_dial4"] == w.WORLD
+    for level in ("shapes_lt_dial0", "shapes_lt_dial4"):
+        assert w.world_key(w.DIAL[level]) == w.world_key(w.WORLD)
+        fields = dict(data=level, tuning="zeroshot", out=str(tmp_path), run_name=None, tte=False, expand=None)
+        cfg = lp.finalize_config(dataclasses.replace(world, **fields))
+        zero_shot[level] = fit_and_evaluate(cfg)["overall"]
+        assert cfg.pretrained == world.pretrained and "pretrained the world's CLIP" not in capsys.readouterr().out
+    assert zero_shot["shapes_lt_dial0"] > zero_shot["shapes_lt_dial4"] + 10, zero_shot
+
+
 def notebook_text(nb) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
