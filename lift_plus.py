@@ -89,9 +89,7 @@ class Config:
     vpt_len: int | None = arg(None, "vpt: deep prompt length per block (default 2**floor(log2(K / L)), >= 1)", low=1)
     mask_ratio: float = arg(0.005, "mask: share of each block weight tuned", low=0, high=1, open_low=True)
     # the run
-    data: str = arg(
-        "imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt[_wide|_dial0..4] or a folder"
-    )
+    data: str = arg("imagenet_lt", "imagenet_lt places_lt inat2018 cifar100_ir{100,50,10} shapes_lt* or a folder")
     root: str = arg("./data", "dataset root: split-list paths are relative to it; CIFAR-100 is downloaded here")
     splits: str | None = arg(None, "folder holding the split lists (default: --root, then the cache, then download)")
     inat_level: str = arg("species", "inat2018: label taxonomy", "kingdom phylum class order family genus species")
@@ -100,11 +98,7 @@ class Config:
     run_name: str | None = arg(None, "run folder name (default <data>_<tuning>_seed<seed>)")
     resume: str = arg("no", "continue from the run folder's checkpoint: yes (--resume), or auto: if any", "no yes auto")
     save_every: float = arg(10.0, "minutes between checkpoints within an epoch (0: at epoch ends only)", low=0)
-    eval_split: str = arg(
-        "test",
-        "the split evaluated: test, or val (for choosing settings: the worlds', ImageNet-LT's, Places-LT's)",
-        "test val",
-    )
+    eval_split: str = arg("test", "test, or val (worlds, ImageNet-LT, Places-LT): to choose settings", "test val")
     eval_only: bool = arg(False, "no training: evaluate --checkpoint (or the untrained model of --tuning zeroshot)")
     checkpoint: str | None = arg(None, "checkpoint file to evaluate with --eval-only")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
@@ -162,8 +156,7 @@ class ImageSet(torch.utils.data.Dataset):
 
 
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
-# the offline world, its variant with wide classes, and the dial of alignment (level 4 is shapes_lt)
-WORLDS = ("shapes_lt", "shapes_lt_wide", *(f"shapes_lt_dial{i}" for i in range(5)))
+WORLDS = ("shapes_lt", "shapes_lt_wide", *(f"shapes_lt_dial{i}" for i in range(5)))  # wide classes; the dial
 
 
 def build_data(cfg: Config) -> LTData:
