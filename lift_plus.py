@@ -133,7 +133,7 @@ class LTData:
     classnames: list
     train_counts: np.ndarray  # [K] training images per class
     notes: list = field(default_factory=list)  # what listing the images skipped (Appendix E's folders)
-    val: torch.utils.data.Dataset | None = None  # a validation split, from the test distribution (the world's)
+    val: torch.utils.data.Dataset | None = None  # a validation split (worlds, ImageNet-LT, Places-LT)
 
     @property
     def num_classes(self) -> int:
@@ -156,7 +156,7 @@ class ImageSet(torch.utils.data.Dataset):
 
 
 BENCHMARKS, CIFAR100_LT = ("imagenet_lt", "places_lt", "inat2018"), ("cifar100_ir100", "cifar100_ir50", "cifar100_ir10")
-WORLDS = ("shapes_lt", "shapes_lt_wide", *(f"shapes_lt_dial{i}" for i in range(5)))  # wide classes; the dial
+WORLDS = ("shapes_lt", "shapes_lt_wide", *(f"shapes_lt_dial{i}" for i in range(5)))  # specs: prepare.py's WORLDS
 
 
 def build_data(cfg: Config) -> LTData:
@@ -201,7 +201,8 @@ def mda_crop_box(height: int, width: int, min_scale: float, gen: torch.Generator
 
 
 def resize_bicubic(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bicubic resize of uint8 [3, H, W]: PIL's BICUBIC filter, within one intensity level."""
+    """Antialiased bicubic resize of [3, H, W]: uint8 as PIL's BICUBIC filter, within one intensity level (float on
+    the GPU path of Appendix D, whose caller rounds)."""
     img = img[None].contiguous(memory_format=torch.channels_last)  # torch's uint8 kernel is fastest on this layout
     return F.interpolate(img, size=(height, width), mode="bicubic", antialias=True)[0]  # [3, height, width] uint8
 
@@ -691,7 +692,7 @@ def table_main(argv: list):
     args = p.parse_args(argv)
     if not Path(args.folder).is_dir():
         raise LiftError(f"{args.folder}: no such folder")
-    kept, dropped = ("tte", "expand", "model", "pretrained"), (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")
+    kept, dropped = ("tte", "expand"), (*RESUME_MAY_CHANGE, "seed", "run_name", "checkpoint")  # Part II's flags
     groups = {}  # a setting: the config less its seed and run-only flags (TTE and the CLIP count)
     for path in sorted(Path(args.folder).glob("**/results*.json")):
         r = json.loads(path.read_text())
@@ -705,7 +706,10 @@ def table_main(argv: list):
         if c["tuning"] == "zeroshot":  # it trains nothing
             row = [c["data"], c["tuning"], "-", "-", "-", c["tte"], "-"]
         if args.seeds:
-            row.append(", ".join(str(r["config"]["seed"]) for _, r in runs) if c["tuning"] != "zeroshot" else "-")
+            seeds = "-"
+            if c["tuning"] != "zeroshot":
+                seeds = ", ".join(str(run["config"]["seed"]) for _, run in runs)
+            row.append(seeds)
         else:  # results_eval_tte3.json: <run>_eval_tte3
             row = [path.parent.name + path.stem[7:], *row, f"{r['params']['tuned']:,}", "-", "-"]
             log, epochs = path.parent / "metrics.jsonl", []
@@ -715,7 +719,7 @@ def table_main(argv: list):
                 rate = np.mean([e["images_per_s"] for e in epochs])
                 row[-2:] = [f"{sum(e['epoch_s'] for e in epochs):.0f} s", f"{rate:.0f}"]
         for k in ("overall", "many", "medium", "few"):  # mean ± sample std; n/a where no run has a value
-            v = [r["metrics"][k] for _, r in runs if r["metrics"][k] is not None]
+            v = [run["metrics"][k] for _, run in runs if run["metrics"][k] is not None]
             row.append(f"{np.mean(v):.2f}" if v else "n/a")
             if len(v) > 1:
                 row[-1] += f" ± {np.std(v, ddof=1):.2f}"
@@ -744,14 +748,16 @@ def online(host: str) -> bool:
     """Can this machine open a connection to host within 3 s?"""
     import socket
 
-    with contextlib.suppress(OSError), socket.create_connection((host, 443), timeout=3):
-        return True
-    return False
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 def find_split_files(cfg: Config) -> dict:
-    """{'train', 'test', extra file: path}, lists under OLTR's names or the LIFT+ code's (train.txt): in --splits, else
-    --root, --root/<subfolder> or the cache, else downloaded from the LIFT+ code into the cache."""
+    """{'train', 'test', 'val' (--eval-split val), extra file: path}: lists under OLTR's names or the LIFT+ code's
+    (train.txt), in --splits, else --root, --root/<subfolder> or the cache, else downloaded into the cache."""
     import urllib.request
 
     subdir, prefix, test, extra = SPLIT_LISTS[cfg.data]
@@ -923,8 +929,11 @@ def resolve_clip(cfg: Config) -> tuple:
         if not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
             raise LiftError(f"--pretrained {cfg.pretrained}: neither a pretrained tag of {name} ({tags}) nor a file")
-        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(pretrained) as z:
-            torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+        try:
+            with zipfile.ZipFile(pretrained) as z:
+                torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            pass  # not a zip archive: a state dict
     quick_gelu = bool(tag_cfg.get("quick_gelu"))
     if not tag_cfg:  # OpenAI's TorchScript file, or a file named for OpenAI's weights
         quick_gelu = bool(pretrained and (torchscript or "openai" in pretrained.lower()))
@@ -978,7 +987,7 @@ def load_clip(cfg: Config):
 
 
 # ==========================================================================================
-# APPENDIX C. The offline worlds (--data shapes_lt, shapes_lt_wide): their long-tailed task and tiny CLIP in the cache
+# APPENDIX C. The offline worlds (--data shapes_lt*): their long-tailed tasks and tiny CLIP in the cache
 # Part I calls build_world_task, Part II world_clip_files. data/shapes_lt/prepare.py generates the worlds (and says
 # which property of CLIP on ImageNet-LT each choice stands for); their pretrained CLIPs ship in assets/.
 
@@ -1034,8 +1043,8 @@ def build_world_task(cfg: Config) -> LTData:
 
 # ==========================================================================================
 # APPENDIX D. Speed, the same values: a leaner encoder, mixed precision, torch.compile, cached features, GPU JPEGs
-# Part I's train and over_dataset run under autocast_dtype; Part II's fit applies make_fast (--fast), frozen_features
-# (--cache-features) and compile_warmup (--compile), its Job gpu_jpeg_views (--gpu-decode). Tests keep each equal.
+# Part I's train and over_dataset run under autocast_dtype; Part II's fit applies make_fast (--fast) and frozen_features
+# (--cache-features), its Job compile_warmup (--compile) and gpu_jpeg_views (--gpu-decode). Tests keep each equal.
 
 
 class LeanQuickGELU(nn.Module):
@@ -1064,8 +1073,9 @@ class FastViT(PromptedViT):
     def block(self, i: int, blk, x):
         if i + 1 < len(self.visual.transformer.resblocks):
             return super().block(i, blk, x)
-        y = blk.ln_1(self.with_prompts(i, x))  # [B, N (+ P), D]
-        h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]: the prompts never touch the class token
+        x = self.with_prompts(i, x)  # [B, N (+ P), D]
+        y = blk.ln_1(x)
+        h = x[:, :1] + blk.ls_1(blk.attention(y[:, :1], y, y))  # [B, 1, D]
         return h + self.mlp_branch(i, blk, h)
 
 
@@ -1154,7 +1164,7 @@ class JpegBatch:
         try:
             data = [torch.frombuffer(bytearray(raw), dtype=torch.uint8) for raw, _, _ in jpegs]
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if jpegs else []
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # refused: read as the CPU path reads it
             images = [read_image(path).to(device) for _, path, _ in jpegs]
         for item in self.items:
             if isinstance(item, tuple):
@@ -1175,12 +1185,16 @@ def check_vit(visual, cfg: Config):
     """LIFT+ plugs into the blocks of a CLIP ViT with a class token: anything else is refused in one line."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-    vit = isinstance(visual, VisionTransformer) and isinstance(visual.patch_dropout, nn.Identity)
-    vit = vit and all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in visual.transformer.resblocks)
-    if not vit or getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+    if not isinstance(visual, VisionTransformer):
         raise LiftError(
-            f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower with class-token pooling and "
-            f"standard blocks (e.g. ViT-B-16); this model's is {type(visual).__name__}"
+            f"--model {cfg.model}: --tuning {cfg.tuning} needs a CLIP ViT image tower (e.g. ViT-B-16); "
+            f"this model's is {type(visual).__name__}"
+        )
+    standard = all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in visual.transformer.resblocks)
+    pooled = getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok"
+    if pooled or not isinstance(visual.patch_dropout, nn.Identity) or not standard:
+        raise LiftError(
+            f"--model {cfg.model}: only CLIP ViTs with class-token pooling and standard blocks are supported"
         )
 
 
@@ -1516,7 +1530,8 @@ def run_job(cfg: Config) -> dict:
         if rank() == 0:
             write_results(cfg, data, model, report)
         return report
-    for split, images in (("train", data.train), ("test", data.test)):
+    splits = [(split, getattr(data, split)) for split in ("train", "test", "val") if getattr(data, split) is not None]
+    for split, images in splits:
         if isinstance(images.images, list):
             missing = [p for p in images.images if not os.path.isfile(p)]
             if missing:
@@ -1525,8 +1540,9 @@ def run_job(cfg: Config) -> dict:
             images.load(int(i))
     if cfg.resume != "no" and (run_folder(cfg) / "checkpoint.pt").exists():
         load_checkpoint(run_folder(cfg) / "checkpoint.pt", cfg, model, resume=True, copy=False)
-    where, files = "--checkpoint" if cfg.eval_only else run_folder(cfg), len(data.train) + len(data.test)
-    print(f"check passed: flags, {files} image files, the weights and {where}; nothing was trained")
+    where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
+    n_files = sum(len(images) for _, images in splits)
+    print(f"check passed: flags, {n_files} image files, the weights and {where}; nothing was trained")
 
 
 def fit(cfg: Config) -> tuple:
@@ -1954,9 +1970,11 @@ def choose_device(cfg: Config) -> torch.device:
         if not torch.distributed.is_initialized():
             # torchrun's agent keeps one store across restarts: a restarted group's keys need their own prefix, or a
             # process reads the address of a process that died
-            store, r, world = next(torch.distributed.rendezvous("env://"))
+            store, r, world_size = next(torch.distributed.rendezvous("env://"))
             attempt = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-            torch.distributed.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world)
+            torch.distributed.init_process_group(
+                "nccl" if cuda else "gloo", store=attempt, rank=r, world_size=world_size
+            )
         if rank() > 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
         if not cuda:
@@ -2058,9 +2076,9 @@ class Progress:
     def epoch_end(self, epoch: int, loss: float, lr: float):
         import resource
 
-        seconds, peak = time.time() - self.start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
-        if sys.platform == "darwin":  # macOS reports bytes
-            peak //= 1024
+        seconds, peak = time.time() - self.start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        if sys.platform != "darwin":  # macOS reports bytes
+            peak *= 1024
         if torch.cuda.is_initialized():
             peak = torch.cuda.max_memory_allocated()
         line = dict(epoch=epoch + 1, loss=loss, lr=lr, images_per_s=self.images / seconds)

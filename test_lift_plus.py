@@ -968,6 +968,15 @@ def test_offline_pretrained_tag_fails_fast_with_instructions(configs, monkeypatc
     assert time.time() - t0 < 30
 
 
+def test_a_vit_pooled_otherwise_than_by_its_class_token_is_refused(tmp_path):
+    spec = copy.deepcopy(TINY_VIT)
+    spec["vision_cfg"]["pool_type"] = "avg"
+    (tmp_path / "AvgViT-test.json").write_text(json.dumps(spec))
+    cfg = lp.Config(model=str(tmp_path / "AvgViT-test.json"), pretrained="none")
+    with pytest.raises(lp.LiftError, match=r"only CLIP ViTs with class-token pooling and standard blocks"):
+        lp.load_clip(cfg)
+
+
 def test_a_file_of_other_weights_fails_in_one_line(configs, tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"visual.proj": torch.zeros(3, 3)}, path)
