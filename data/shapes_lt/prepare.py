@@ -158,7 +158,7 @@ def dial_world(t: float, words: int, base: WorldSpec = WORLD) -> WorldSpec:
 # blue, purple); orange and blue name 8 of the 12 few-shot classes.
 DIAL = {f"shapes_lt_dial{i}": dial_world(i / 4, i) for i in range(5)}
 assert DIAL["shapes_lt_dial4"] == WORLD
-WORLDS.update(DIAL)  # --data names once lift_plus.WORLDS lists them
+WORLDS.update(DIAL)  # --data names (lift_plus.WORLDS lists them too)
 SHIPPED_CLIPS.update(dict.fromkeys(DIAL, SHIPPED_CLIP))  # one CLIP for every level: WORLD's
 WORLD_CLIP = {
     "embed_dim": 128,
