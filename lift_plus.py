@@ -1254,6 +1254,7 @@ def image_files(folder, notes: collections.Counter | None = None) -> list:
             return False
         return True
 
+    # make_dataset walks <parent>/<class>/ at any depth: the folder itself, as the one class of its parent
     return [path for path, _ in make_dataset(parent, {name: 0}, is_valid_file=is_image, allow_empty=True)]
 
 
