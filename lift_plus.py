@@ -711,18 +711,20 @@ def table_main(argv: list):
                 seeds = ", ".join(str(run["config"]["seed"]) for _, run in runs)
             row.append(seeds)
         else:  # results_eval_tte3.json: <run>_eval_tte3
-            row = [path.parent.name + path.stem[7:], *row, f"{r['params']['tuned']:,}", "-", "-"]
-            log, epochs = path.parent / "metrics.jsonl", []
+            log, epochs, speed = path.parent / "metrics.jsonl", [], ["-", "-"]  # a training run's time and img/s
             if log.is_file() and path.name == "results.json":
                 epochs = [json.loads(line) for line in log.read_text().splitlines()]
             if epochs:
                 rate = np.mean([e["images_per_s"] for e in epochs])
-                row[-2:] = [f"{sum(e['epoch_s'] for e in epochs):.0f} s", f"{rate:.0f}"]
+                speed = [f"{sum(e['epoch_s'] for e in epochs):.0f} s", f"{rate:.0f}"]
+            row = [path.parent.name + path.stem[7:], *row, f"{r['params']['tuned']:,}", *speed]
         for k in ("overall", "many", "medium", "few"):  # mean ± sample std; n/a where no run has a value
-            v = [run["metrics"][k] for _, run in runs if run["metrics"][k] is not None]
-            row.append(f"{np.mean(v):.2f}" if v else "n/a")
+            v, cell = [run["metrics"][k] for _, run in runs if run["metrics"][k] is not None], "n/a"
+            if v:
+                cell = f"{np.mean(v):.2f}"
             if len(v) > 1:
-                row[-1] += f" ± {np.std(v, ddof=1):.2f}"
+                cell += f" ± {np.std(v, ddof=1):.2f}"
+            row.append(cell)
         rows.append(row)
     columns = "run | data | tuning | init | loss | mda | tte | epochs | tuned params | train time | img/s"
     if args.seeds:
