@@ -769,9 +769,9 @@ def find_split_files(cfg: Config) -> dict:
     names.update({n: (n,) for n in extra})
     cache = Path(cfg.cache).expanduser() / "splits" / subdir
     folders = [Path(cfg.root), Path(cfg.root) / subdir, cache]
-    if cfg.splits and not Path(cfg.splits).is_dir():
-        raise LiftError(f"--splits {cfg.splits}: no such folder")
     if cfg.splits:
+        if not Path(cfg.splits).is_dir():
+            raise LiftError(f"--splits {cfg.splits}: no such folder")
         folders = [Path(cfg.splits)]
 
     def locate() -> dict:
@@ -1140,7 +1140,7 @@ class JpegViews(Views):
         try:
             raw = Path(self.base.images[j]).read_bytes()
             im = Image.open(io.BytesIO(raw))  # the header only
-            if im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1:
+            if im.format == "JPEG" and im.mode in ("RGB", "L") and not exif_rotated(im):
                 return (raw, self.base.images[j], j), self.base.labels[j]
         except (OSError, ValueError, Image.DecompressionBombError):
             pass  # Views' item: read_image names the file
@@ -1183,6 +1183,16 @@ class JpegBatch:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
+def hidden(name: str) -> bool:
+    """Hidden and tool entries (.DS_Store, .ipynb_checkpoints, __MACOSX): neither classes nor images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def exif_rotated(im: Image.Image) -> bool:
+    """An EXIF orientation other than 1: decoders that apply it would differ from PIL and the LIFT+ code."""
+    return im.getexif().get(0x0112, 1) != 1
+
+
 def check_vit(visual, cfg: Config):
     """LIFT+ plugs into the blocks of a CLIP ViT with a class token: anything else is refused in one line."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -1216,9 +1226,11 @@ def read_image(path) -> torch.Tensor:
     try:
         raw, decode = Path(path).read_bytes(), torchcodec_jpeg()
         jpeg = raw[:2] == b"\xff\xd8" and decode is not None  # PIL parses the header only where EXIF may rotate it
-        if jpeg and not (b"Exif" in raw[: 1 << 16] and Image.open(io.BytesIO(raw)).getexif().get(0x0112, 1) != 1):
-            with contextlib.suppress(RuntimeError, ValueError):  # a JPEG TorchCodec refuses: PIL reads it
+        if jpeg and not (b"Exif" in raw[: 1 << 16] and exif_rotated(Image.open(io.BytesIO(raw)))):
+            try:
                 return decode(raw, mode="RGB")
+            except (RuntimeError, ValueError):
+                pass  # a JPEG TorchCodec refuses: PIL reads it
         im = Image.open(io.BytesIO(raw))
         im.load()  # a truncated file fails here
         if im.mode in ("I", "F"):
@@ -1248,8 +1260,8 @@ def image_files(folder, notes: collections.Counter | None = None) -> list:
         where = os.path.dirname(path)
         if first.setdefault(realpath(where), where) != where:
             return False  # a folder read already, reached again through a link
-        if any(part.startswith(".") or part == "__MACOSX" for part in path[start:].split(os.sep)):
-            notes["hidden or tool entries"] += 1  # .DS_Store, .ipynb_checkpoints, __MACOSX
+        if any(hidden(part) for part in path[start:].split(os.sep)):
+            notes["hidden or tool entries"] += 1
             return False
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             notes["files without an image extension"] += 1
@@ -1269,7 +1281,7 @@ def build_folder(cfg: Config) -> LTData:
         raise LiftError(f"--data: unknown dataset '{cfg.data}'; expected {known} or a folder with train/ and test/")
     for split in ("train", "test"):
         entries = {e.name: e.is_dir() for e in os.scandir(root / split)}
-        shown = [name for name in entries if not (name.startswith(".") or name == "__MACOSX")]
+        shown = [name for name in entries if not hidden(name)]
         notes["hidden or tool entries"] += len(entries) - len(shown)
         notes["files outside class folders"] += sum(not entries[name] for name in shown)
         classes = sorted(name for name in shown if entries[name])
@@ -1541,8 +1553,9 @@ def run_job(cfg: Config) -> dict:
                 raise LiftError(f"{len(missing)} of the {len(images)} {split} images are missing, e.g. {missing[0]}")
         for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), 64)).astype(int)):
             images.load(int(i))
-    if cfg.resume != "no" and (run_folder(cfg) / "checkpoint.pt").exists():
-        load_checkpoint(run_folder(cfg) / "checkpoint.pt", cfg, model, resume=True, copy=False)
+    ckpt = run_folder(cfg) / "checkpoint.pt"
+    if cfg.resume != "no" and ckpt.exists():
+        load_checkpoint(ckpt, cfg, model, resume=True, copy=False)
     where = "--checkpoint" if cfg.eval_only else run_folder(cfg)
     n_files = sum(len(images) for _, images in splits)
     print(f"check passed: flags, {n_files} image files, the weights and {where}; nothing was trained")
@@ -1982,8 +1995,9 @@ def choose_device(cfg: Config) -> torch.device:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
         if not cuda:
             return torch.device("cpu")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
     device = torch.device("cuda" if cuda else "cpu")
     if cfg.device != "auto":
         try:
