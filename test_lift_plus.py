@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -1182,38 +1183,142 @@ def notebook_text(nb) -> str:
 
 
 def test_tutorial_notebook_runs_offline(world, monkeypatch):
-    """tutorial.ipynb top to bottom in both worlds, in its quick pass (one seed, one epoch, one lr; the full run
-    takes about 25 minutes): any cell error fails the test. The saved notebook must hold the outputs of a full run.
-    Without a GPU the real-CLIP section says that it is skipped, in one sentence."""
+    """tutorial.ipynb top to bottom in its quick pass (QUICK, one epoch, one world, a short list of methods; the full
+    run takes about 32 minutes): any cell error fails the test. The saved notebook must hold the outputs of
+    a full run. Without a GPU the real-CLIP section says that it is skipped, in one sentence."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
     full = "over seeds (0, 1, 2)"
-    assert full in notebook_text(nb) and "written from the outputs" not in json.dumps(nb.cells), (
-        "tutorial.ipynb: run it in full"
-    )
+    assert full in notebook_text(nb) and "QUICK = False" in nb.cells[1].source, "tutorial.ipynb: run it in full"
     monkeypatch.setenv("LIFT_TUTORIAL_SMOKE", "1")
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     printed = notebook_text(nb)
     for label in (
         "tuned parameters, % of the image encoder",
-        "validation Overall by lr",
+        "the grid's centre (not chosen on validation)",
         "--data shapes_lt_wide",
         "classifier, random init",
         "LoRA",
-        "gap vs accuracy change",
-        "accuracy (r",
-        "train few-few",
+        "minus it:",
+        "loss gap change against Few accuracy change",
+        "few-many",
+        "Few gap",
+        "--data shapes_lt_dial0",
+        "full minus LIFT+, paired by seed",
         "centre of 35 (1 view)",
     ):
         assert label in printed, label
     assert full not in printed  # the quick pass
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert figures >= 6  # the quick pass draws one world
+    assert figures >= 7  # the quick pass draws one world
     last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     if not torch.cuda.is_available():
         assert last == "Skipped: this section trains CLIP ViT-B/16 and needs a GPU; this machine has none.\n"
+
+
+def notebook_cell(nb, first_line: str) -> str:
+    """The source of the notebook's one code cell that starts with first_line."""
+    (source,) = [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith(first_line)]
+    return source
+
+
+def write_cifar100(root: Path, train_per_class=3, test_per_class=2):
+    """CIFAR-100 as torchvision reads it: cifar-100-python/{train,test,meta}, pickled dicts with the real files' keys,
+    each image a uint8 row of 3072 values (its red, green and blue 32 x 32 planes), class c of colour c."""
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    palette = np.random.RandomState(0).randint(0, 256, (100, 3))
+    for split, n, seed in (("train", train_per_class, 1), ("test", test_per_class, 2)):
+        labels = np.tile(np.arange(100), n)  # the classes interleaved, as in the real files
+        noise = np.random.RandomState(seed).randint(-40, 40, (len(labels), 3, 32, 32))
+        images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8).reshape(-1, 3072)
+        entry = {
+            "filenames": [f"{split}_{i}.png" for i in range(len(labels))],
+            "batch_label": f"{split} batch 1 of 1",
+            "fine_labels": labels.tolist(),
+            "coarse_labels": (labels // 5).tolist(),
+            "data": images,
+        }
+        (d / split).write_bytes(pickle.dumps(entry, protocol=2))
+    names = {"fine_label_names": [f"c{c}" for c in range(100)], "coarse_label_names": [f"s{c}" for c in range(20)]}
+    (d / "meta").write_bytes(pickle.dumps(names, protocol=2))
+
+
+@pytest.mark.parametrize("task", ["cifar100_ir100", "imagenet_lt"])
+def test_tutorial_real_clip_section_runs_on_the_cpu(task, configs, tmp_path, monkeypatch, capsys):
+    """tutorial.ipynb's section 10, real_clip, on the CPU with the tiny random-weight ViT: the setup cell in its quick
+    pass (one epoch, one seed) but QUICK off, so each lr is chosen on validation wherever real_clip would choose it.
+    CIFAR-100 in torchvision's own format (only torchvision's md5 check is bypassed: its sums are the real files')
+    has no validation split: each method runs at its default lr. A miniature ImageNet-LT with its val list: each lr
+    is chosen on it. --check comes first: a missing image stops the section before anything trains."""
+    import nbformat
+    import torchvision
+
+    nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    monkeypatch.setenv("LIFT_TUTORIAL_SMOKE", "1")
+    monkeypatch.chdir(HERE)
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's run folders (OUT)
+    monkeypatch.setattr(lp, "online", lambda host: False)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    ns = {"__name__": "tutorial"}
+    exec(notebook_cell(nb, "# Setup: every helper of the notebook."), ns)
+    exec(notebook_cell(nb, "# Section 10: real_clip"), ns)
+    assert ns["L"] is lp and ns["SMOKE"] and ns["SEEDS"] == (0,)
+    ns["QUICK"] = False
+
+    root = tmp_path / "data"
+    methods = {"classifier": "classifier", "LIFT+ (AdaptFormer)": "adaptformer", "full": "full"}  # label: --tuning
+    real = dict(
+        data=task,
+        root=str(root),
+        model=str(configs["TinyViT-test"]),
+        pretrained="none",
+        device="cpu",
+        workers=0,
+        batch_size=32,
+        eval_batch_size=64,
+        cache=str(tmp_path / "cache"),
+    )
+    if task == "cifar100_ir100":
+        write_cifar100(root)  # 3 training images a class: fewer than cifar100_ir100 keeps of any class, all kept
+        counts, trained = "300 training, 0 validation, 200 test images", 3
+    else:
+        write_benchmark(root)
+        (root / "ImageNet_LT_val.txt").write_text("test/n00/1.JPEG 0\ntest/n01/1.JPEG 1\ntest/n02/1.JPEG 2\n")
+        counts, trained = "10 training, 3 validation, 6 test images", 9  # per method: a grid of 3 lrs, one seed
+        (root / "train/n02/0.JPEG").rename(tmp_path / "moved.JPEG")
+        with pytest.raises(lp.LiftError, match=r"^1 of the 10 train images are missing, e.g. .*train/n02/0.JPEG$"):
+            ns["real_clip"](real)
+        assert ns["RUNS"] == {} and capsys.readouterr().out == ""  # nothing trained, no cost line
+        (tmp_path / "moved.JPEG").rename(root / "train/n02/0.JPEG")
+
+    S = ns["real_clip"](real)
+    out = capsys.readouterr().out
+    assert f"--data {task}: {counts}; {trained} training runs of 1 epochs: at least " in out, out
+    assert list(S) == list(methods) and ("validation Overall by lr" in out) == (task == "imagenet_lt"), out
+    for label, tuning in methods.items():
+        centre = lp.finalize_config(lp.Config(data=task, tuning=tuning)).lr  # lift_plus's default
+        if task == "cifar100_ir100":
+            centred = rf"^  {re.escape(label)} +lr {centre:g}, the grid's centre \(not chosen on validation\)"
+            assert re.search(centred, out, re.M), out
+            assert S[label]["lr"] == centre
+        else:
+            chosen = re.search(rf"^  {re.escape(label)} +validation Overall by lr (.*) -> lr ([^,\s]+)", out, re.M)
+            val = {lr: float(v) for lr, v in (item.split(": ") for item in chosen[1].split(", "))}
+            assert {f"{centre * f:g}" for f in (0.25, 1, 4)} <= set(val) and len(val) <= 6, out
+            assert chosen[2] == f"{S[label]['lr']:g}" and val[chosen[2]] == max(val.values()), out
+        assert len(S[label]["runs"]) == 1
+    number = r"\d+\.\d\d"
+    for label in ("zero-shot", *methods):  # Overall and Few have test images in both tasks
+        assert re.search(rf"^{re.escape(label)} +{number} +(\S+ +){{2}}{number} *$", out, re.M), out
+    frozen = re.search(r"^  the frozen encoder \(classifier alone\): Few accuracy (.*)$", out, re.M)
+    assert frozen and "nan" not in frozen[1] and re.search(r"^  minus it: +Few acc +-> Many", out, re.M), out
+    for label in ("LIFT+ (AdaptFormer)", "full"):
+        line = re.search(rf"^  {re.escape(label)} *[+-]{number} .*$", out, re.M)
+        assert line and "nan" not in line[0] and len(line[0].split()) == len(label.split()) + 9, out
 
 
 # ------------------------------------------------------------------------------------------
