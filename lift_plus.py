@@ -1123,8 +1123,8 @@ def compile_warmup(model: LiftModel, sizes: set, dtype):
 
 def gpu_jpeg_views(dataset, cfg: Config, device) -> tuple:
     """(dataset, collate_fn) for a DataLoader: with --gpu-decode on a GPU, Views of JPEG files become JpegViews."""
-    files = isinstance(dataset, Views) and isinstance(dataset.base.images, list)
-    if files and cfg.gpu_decode and device.type == "cuda":
+    on_disk = isinstance(dataset, Views) and isinstance(dataset.base.images, list)
+    if on_disk and cfg.gpu_decode and device.type == "cuda":
         if any(path.lower().endswith((".jpg", ".jpeg")) for path in dataset.base.images):
             jpegs = JpegViews(dataset.base, dataset.transform, dataset.indices)
             return jpegs, jpegs.collate
@@ -1669,8 +1669,8 @@ class Job:
             print(f"resuming {ckpt} after {checkpoint_place(state, self.cfg.epochs)}")
         if self.cfg.compile and self.features is None:  # Appendix D: every batch size compiled before the clock
             B, n = self.cfg.batch_size, len(self.data.train)
-            steps = {math.ceil(min(B, n - i) / processes()) for i in range(0, n, B)}  # each process's share
-            sizes = {size for images in steps for size in self.micro_batches(images)}
+            shares = {math.ceil(min(B, n - i) / processes()) for i in range(0, n, B)}  # a process's share of a step
+            sizes = {size for images in shares for size in self.micro_batches(images)}
             compile_warmup(model, sizes, autocast_dtype(self.cfg, self.device))
         steps = math.ceil(len(self.data.train) / self.cfg.batch_size)
         self.progress = Progress(self.cfg, steps, self.folder / "metrics.jsonl", epoch * steps + step)
