@@ -1184,8 +1184,8 @@ def notebook_text(nb) -> str:
 
 def test_tutorial_notebook_runs_offline(world, monkeypatch):
     """tutorial.ipynb top to bottom in its quick pass (QUICK, one epoch, one world, a short list of methods; the full
-    run takes about 32 minutes): any cell error fails the test. The saved notebook must hold the outputs of
-    a full run. Without a GPU the real-CLIP section says that it is skipped, in one sentence."""
+    run takes 31.5 to 49 minutes, by machine): any cell error fails the test. The saved notebook must hold the
+    outputs of a full run. Without a GPU the real-CLIP section says that it is skipped, in one sentence."""
     import nbformat
     from nbclient import NotebookClient
 

@@ -113,12 +113,13 @@ class WorldSpec:
 
 
 WORLD = WorldSpec()
-# The wide world changes one thing, for one reason. In ImageNet-LT a class is wide (breeds, views, settings), so a
-# tail class's 5 training images show little of what its test images show, yet CLIP's pretraining has seen it all.
+# The wide world is meant to change one thing. In ImageNet-LT a class is wide (breeds, views, settings), so a tail
+# class's 5 training images show little of what its test images show, yet CLIP's pretraining has seen it all.
 # In WORLD a class varies only in pose, size and background, so 3 images already cover it. Here each image is one
 # of 8 sub-types of its concept (shade x texture scale x one or two objects), in pretraining and in the task alike.
-# Pretraining sees 4 times the images, so that its CLIP is about as good on its own (web) images as WORLD's is on
-# its own (tutorial.ipynb, section 1, measures both).
+# Pretraining sees 4 times the images, meant to make its CLIP as good on its own (web) images as WORLD's is on its
+# own. It comes out weaker (tutorial.ipynb, section 1, measures both): the wide world also differs in how well its
+# CLIP knows the task.
 WIDE_WORLD = dataclasses.replace(
     WORLD,
     pretrain_style=dataclasses.replace(WORLD.pretrain_style, variants=True),
